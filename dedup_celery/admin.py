@@ -1,0 +1,196 @@
+"""Admin for the message table: read-only, plus a release action that goes through the backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.apps import apps
+from django.contrib import admin, messages
+from django.db.models import BooleanField, Case, QuerySet, Value, When
+from django.db.models.functions import Now
+from django.http import HttpRequest
+from django.template.response import TemplateResponse
+from django.urls import NoReverseMatch, reverse
+from django.utils.html import format_html
+from django.utils.translation import gettext_lazy as _
+
+from dedup_celery import signals
+from dedup_celery.backends import get_backend
+from dedup_celery.exceptions import StorageError
+from dedup_celery.models import DedupRecord
+
+RELEASE_PERMISSION = "dedup_celery.release_deduprecord"
+
+
+@admin.register(DedupRecord)
+class DedupRecordAdmin(admin.ModelAdmin):
+    """Lists message records; only the release action changes anything."""
+
+    list_display = (
+        "scope",
+        "key",
+        "status",
+        "lease",
+        "task_name",
+        "task_id",
+        "attempt",
+        "skipped",
+        "rescheduled",
+        "takeovers",
+        "created_at",
+        "expires_at",
+    )
+    list_filter = ("status", "task_name", "scope")
+    search_fields = ("key", "task_id", "=key_digest")
+    ordering = ("-created_at",)
+    actions = ("release_records",)
+    list_per_page = 100
+    show_full_result_count = False
+    fields = (
+        "scope",
+        "key",
+        "key_digest",
+        "status",
+        "lease",
+        "owner",
+        "task_id",
+        "task_result",
+        "task_name",
+        "attempt",
+        "hostname",
+        "pid",
+        "process_start",
+        "boot_id",
+        "pid_namespace",
+        "created_at",
+        "updated_at",
+        "expires_at",
+        "consumed_at",
+        "heartbeat_at",
+        "skipped",
+        "rescheduled",
+        "takeovers",
+        "last_duplicate_at",
+        "result",
+        "payload_digest",
+    )
+    readonly_fields = fields
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[DedupRecord]:
+        """Annotate whether each record has expired, by the database's clock."""
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                _expired=Case(
+                    When(expires_at__lt=Now(), then=Value(True)),
+                    default=Value(False),
+                    output_field=BooleanField(),
+                )
+            )
+        )
+
+    @admin.display(description=_("lease"))
+    def lease(self, obj: DedupRecord) -> str:
+        """Say whether a PROCESSING record's lease is live or expired."""
+        expired = getattr(obj, "_expired", None)
+        if obj.status != DedupRecord.Status.PROCESSING:
+            return _("expired") if expired else "—"
+        return _("expired") if expired else _("live")
+
+    @admin.display(description=_("task result"))
+    def task_result(self, obj: DedupRecord) -> str:
+        """Link to the consuming task's result, when django-celery-results is installed."""
+        if not apps.is_installed("django_celery_results"):
+            return "—"
+        task_result_model = apps.get_model("django_celery_results", "TaskResult")
+        found = task_result_model._default_manager.filter(task_id=obj.task_id).first()
+        if found is None:
+            return _("no stored result")
+        try:
+            url = reverse("admin:django_celery_results_taskresult_change", args=[found.pk])
+        except NoReverseMatch:
+            return found.status
+        return format_html('<a href="{}">{}</a>', url, found.status)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        """Records are only written by tasks."""
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """Records are read-only here; releasing is an action."""
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """Deleting bypasses the owner check; use the release action or dedup_purge."""
+        return False
+
+    def has_release_permission(self, request: HttpRequest) -> bool:
+        """Only users with ``dedup_celery.release_deduprecord`` may release."""
+        return request.user.has_perm(RELEASE_PERMISSION)
+
+    @admin.action(description=_("Release selected processing records"), permissions=["release"])
+    def release_records(self, request: HttpRequest, queryset: QuerySet[DedupRecord]) -> Any:
+        """Ask for confirmation, then compare-and-delete each record against the shown owner."""
+        records = list(queryset.order_by("pk"))
+        if request.POST.get("confirm") != "yes":
+            context = {
+                **self.admin_site.each_context(request),
+                "title": _("Release message records"),
+                "opts": self.model._meta,
+                "records": records,
+                "processing": DedupRecord.Status.PROCESSING,
+                "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+            }
+            return TemplateResponse(
+                request, "admin/dedup_celery/deduprecord/release_confirmation.html", context
+            )
+        force = request.POST.get("force") == "on"
+        backend = get_backend()
+        released = refused = 0
+        for record in records:
+            shown_owner = request.POST.get(f"owner-{record.pk}", "")
+            if record.status != DedupRecord.Status.PROCESSING or not shown_owner:
+                refused += 1
+                continue
+            try:
+                ok = backend.release(
+                    record.scope, record.key_digest, shown_owner, expired_only=not force
+                )
+            except (StorageError, ValueError) as exc:
+                self.message_user(request, f"{record}: {exc}", messages.ERROR)
+                continue
+            if ok:
+                released += 1
+                signals.message_released.send(
+                    sender=None,
+                    task_id=record.task_id,
+                    scope=record.scope,
+                    key_digest=record.key_digest,
+                    record=None,
+                    owner=shown_owner,
+                    reason="operator",
+                )
+            else:
+                refused += 1
+        if released:
+            self.message_user(
+                request,
+                _(
+                    "%(count)d record(s) released. Nothing was re-sent: a redelivery of the "
+                    "message, or the producer, runs it again."
+                )
+                % {"count": released},
+                messages.SUCCESS,
+            )
+        if refused:
+            self.message_user(
+                request,
+                _(
+                    "%(count)d record(s) not released: not PROCESSING, owned by another delivery "
+                    "since the page was shown, or a live lease without a forced release."
+                )
+                % {"count": refused},
+                messages.WARNING,
+            )
+        return None

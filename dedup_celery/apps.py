@@ -1,0 +1,23 @@
+"""Django app configuration for dedup_celery."""
+
+from django.apps import AppConfig
+from django.utils.translation import gettext_lazy as _
+
+
+class DedupCeleryConfig(AppConfig):
+    """Registers the message table, the system checks and the worker start-up hook."""
+
+    name = "dedup_celery"
+    verbose_name = _("Celery message deduplication")
+    # Pinned so a project's DEFAULT_AUTO_FIELD never changes this app's schema.
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        """Register checks, and log them once when a Celery worker is ready."""
+        from celery.signals import worker_ready
+
+        from dedup_celery import checks
+
+        worker_ready.connect(
+            checks.log_check_messages, weak=False, dispatch_uid="dedup_celery.checks"
+        )

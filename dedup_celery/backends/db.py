@@ -1,0 +1,600 @@
+"""The database backend: the message table is the ``DedupRecord`` model.
+
+On PostgreSQL and SQLite a claim is one ``INSERT … ON CONFLICT DO UPDATE …
+RETURNING`` statement that claims, takes over or counts the duplicate, decided
+by the database on the row it locked. On other databases (MySQL, MariaDB) it is
+an insert, then a conditional update, each atomic on its own: the row count of
+each statement decides, never a value read earlier.
+
+Every time is computed by the database (``STATEMENT_TIMESTAMP()`` on
+PostgreSQL, ``STRFTIME(…, 'NOW')`` on SQLite, ``CURRENT_TIMESTAMP(6)`` on MySQL).
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar, TypeVar
+
+from django.conf import settings
+from django.db import Error, IntegrityError, connections, router, transaction
+from django.db.models import (
+    BooleanField,
+    Case,
+    DateTimeField,
+    F,
+    Func,
+    PositiveIntegerField,
+    Q,
+    Value,
+    When,
+)
+from django.db.models.functions import Now
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from dedup_celery.backends.base import (
+    BaseBackend,
+    Claim,
+    ClaimOutcome,
+    Record,
+    Status,
+    Verdict,
+)
+from dedup_celery.exceptions import StorageError
+from dedup_celery.keys import display_key
+from dedup_celery.models import DedupRecord
+
+T = TypeVar("T")
+
+# Columns a claim writes, in the order of the INSERT.
+_CLAIM_COLUMNS = (
+    "scope",
+    "key",
+    "key_digest",
+    "status",
+    "owner",
+    "task_id",
+    "task_name",
+    "attempt",
+    "hostname",
+    "pid",
+    "process_start",
+    "boot_id",
+    "pid_namespace",
+    "created_at",
+    "updated_at",
+    "expires_at",
+    "consumed_at",
+    "heartbeat_at",
+    "skipped",
+    "rescheduled",
+    "takeovers",
+    "last_duplicate_at",
+    "result",
+    "payload_digest",
+)
+# Columns a takeover replaces with the new claim's values.
+_TAKEOVER_COLUMNS = (
+    "key",
+    "status",
+    "owner",
+    "task_id",
+    "task_name",
+    "attempt",
+    "hostname",
+    "pid",
+    "process_start",
+    "boot_id",
+    "pid_namespace",
+    "updated_at",
+    "expires_at",
+    "consumed_at",
+    "heartbeat_at",
+    "result",
+    "payload_digest",
+)
+# Columns every read returns, in the order of :class:`Record` (less the computed flag).
+_RECORD_COLUMNS = (
+    "scope",
+    "key",
+    "key_digest",
+    "status",
+    "owner",
+    "task_id",
+    "task_name",
+    "attempt",
+    "hostname",
+    "pid",
+    "process_start",
+    "boot_id",
+    "pid_namespace",
+    "created_at",
+    "updated_at",
+    "expires_at",
+    "consumed_at",
+    "heartbeat_at",
+    "skipped",
+    "rescheduled",
+    "takeovers",
+    "last_duplicate_at",
+    "result",
+    "payload_digest",
+)
+_DATETIME_COLUMNS = frozenset(
+    ("created_at", "updated_at", "expires_at", "consumed_at", "heartbeat_at", "last_duplicate_at")
+)
+
+_NOW_SQL = {
+    "postgresql": "STATEMENT_TIMESTAMP()",
+    "sqlite": "STRFTIME('%%Y-%%m-%%d %%H:%%M:%%f', 'NOW')",
+    "mysql": "CURRENT_TIMESTAMP(6)",
+}
+
+
+def now_sql(vendor: str) -> str:
+    """Return the SQL for "now" on the database's own clock, with ``%`` escaped for params."""
+    try:
+        return _NOW_SQL[vendor]
+    except KeyError:
+        raise StorageError(
+            f"dedup_celery's database backend supports PostgreSQL, SQLite and MySQL/MariaDB, "
+            f"not {vendor!r}. Use another backend (DEDUP_CELERY['BACKEND'])."
+        ) from None
+
+
+def now_plus_sql(vendor: str, seconds: float) -> tuple[str, list[Any]]:
+    """Return SQL and params for "now + *seconds*" on the database's clock."""
+    if vendor == "postgresql":
+        return "(STATEMENT_TIMESTAMP() + MAKE_INTERVAL(secs => %s))", [float(seconds)]
+    if vendor == "sqlite":
+        return "STRFTIME('%%Y-%%m-%%d %%H:%%M:%%f', 'NOW', %s)", [f"{float(seconds):+.6f} seconds"]
+    if vendor == "mysql":
+        return "(CURRENT_TIMESTAMP(6) + INTERVAL %s MICROSECOND)", [round(seconds * 1_000_000)]
+    now_sql(vendor)  # raises the "unsupported database" error
+    raise AssertionError("unreachable")
+
+
+class NowPlus(Func):
+    """``now + seconds`` on the database's clock, as an ORM expression."""
+
+    output_field = DateTimeField()
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = float(seconds)
+
+    def as_sql(self, compiler: Any, connection: Any, **extra_context: Any) -> tuple[str, list]:
+        """Compile to the vendor's own interval arithmetic."""
+        return now_plus_sql(connection.vendor, self.seconds)
+
+
+def _storage_errors(method: Callable[..., T]) -> Callable[..., T]:
+    """Turn a database error into :class:`StorageError`, keeping the original as the cause."""
+
+    @functools.wraps(method)
+    def wrapper(self: DatabaseBackend, *args: Any, **kwargs: Any) -> T:
+        try:
+            return method(self, *args, **kwargs)
+        except Error as exc:
+            connection = connections[self.alias]
+            if not connection.in_atomic_block:
+                # Drop a broken connection now, so a retry opens a fresh one.
+                connection.close_if_unusable_or_obsolete()
+            raise StorageError(
+                f"the message table on database {self.alias!r} failed: "
+                f"{type(exc).__name__}: {exc}".strip()
+            ) from exc
+
+    return wrapper
+
+
+def advisory_lock_key(scope: str, key_digest: str) -> int:
+    """Return the signed 64-bit PostgreSQL advisory lock number for a (scope, key)."""
+    digest = hashlib.sha256(f"dedup_celery\0{scope}\0{key_digest}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class DatabaseBackend(BaseBackend):
+    """Stores message records in the ``DedupRecord`` table through the Django ORM's connections.
+
+    ``DEDUP_CELERY['DATABASE']`` picks the alias; None lets the database routers
+    choose (``db_for_write``). This is the only backend that supports
+    transactional mode.
+    """
+
+    supports_transactional: ClassVar[bool] = True
+
+    def __init__(self, *, database: str | None = None) -> None:
+        super().__init__(database=database)
+        # SQL text per (alias, vendor, kind); built lazily because __init__ does no I/O.
+        self._sql: dict[tuple[str, str], str] = {}
+        self._force_generic = False
+
+    # -- helpers -----------------------------------------------------------------
+
+    @property
+    def alias(self) -> str:
+        """The database alias the message table lives in."""
+        return self.database_setting or router.db_for_write(DedupRecord)
+
+    def describe(self) -> str:
+        """Name the database the records are in."""
+        return f"database {self.alias!r} (table {DedupRecord._meta.db_table})"
+
+    def _manager(self) -> Any:
+        return DedupRecord._default_manager.using(self.alias)
+
+    def _vendor(self, connection: Any) -> str:
+        vendor = connection.vendor
+        if self._force_generic or vendor not in ("postgresql", "sqlite"):
+            return "generic"
+        return vendor
+
+    def _owner_param(self, owner: str, connection: Any) -> Any:
+        field = DedupRecord._meta.get_field("owner")
+        return field.get_db_prep_value(uuid.UUID(owner), connection)
+
+    @staticmethod
+    def _normalise_owner(value: Any) -> str | None:
+        if value is None:
+            return None
+        return uuid.UUID(str(value)).hex
+
+    @staticmethod
+    def _to_datetime(value: Any) -> datetime.datetime | None:
+        if value is None or isinstance(value, datetime.datetime):
+            if value is not None and settings.USE_TZ and timezone.is_naive(value):
+                value = timezone.make_aware(value, datetime.timezone.utc)
+            return value
+        parsed = parse_datetime(str(value))
+        if parsed is not None and settings.USE_TZ and timezone.is_naive(parsed):
+            parsed = timezone.make_aware(parsed, datetime.timezone.utc)
+        return parsed
+
+    def _record_from_row(self, row: dict[str, Any]) -> Record:
+        values = dict(row)
+        for name in _DATETIME_COLUMNS:
+            values[name] = self._to_datetime(values.get(name))
+        values["owner"] = self._normalise_owner(values.get("owner"))
+        result = values.get("result")
+        if isinstance(result, str):
+            result = json.loads(result)
+        values["result"] = result
+        lease_expired = values.pop("lease_expired", None)
+        return Record(
+            **{name: values[name] for name in _RECORD_COLUMNS},
+            lease_expired=None if lease_expired is None else bool(lease_expired),
+        )
+
+    def _record_from_model(self, obj: DedupRecord, lease_expired: bool | None) -> Record:
+        values = {name: getattr(obj, name) for name in _RECORD_COLUMNS}
+        values["owner"] = self._normalise_owner(values["owner"])
+        return Record(**values, lease_expired=lease_expired)
+
+    def _claim_values(self, claim: Claim, connection: Any, *, transactional: bool) -> list[Any]:
+        ident = claim.identity
+        return [
+            claim.scope,
+            display_key(claim.key),
+            claim.key_digest,
+            Status.CONSUMED.value if transactional else Status.PROCESSING.value,
+            self._owner_param(claim.owner, connection),
+            claim.task_id,
+            claim.task_name[:255],
+            claim.attempt,
+            ident.hostname,
+            ident.pid,
+            ident.process_start,
+            ident.boot_id,
+            ident.pid_namespace,
+        ]
+
+    def _outcome(self, claim: Claim, record: Record) -> ClaimOutcome:
+        if record.owner == claim.owner:
+            verdict = Verdict.TAKEN_OVER if record.takeovers > 0 else Verdict.CLAIMED
+        elif record.status == Status.CONSUMED:
+            verdict = Verdict.CONSUMED
+        else:
+            verdict = Verdict.IN_FLIGHT
+        return ClaimOutcome(verdict=verdict, record=record)
+
+    # -- the upsert claim (PostgreSQL, SQLite) --------------------------------------
+
+    def _upsert_sql(self, connection: Any, *, transactional: bool) -> str:
+        vendor = connection.vendor
+        cache_key = (vendor, "claim-tx" if transactional else "claim")
+        sql = self._sql.get(cache_key)
+        if sql is not None:
+            return sql
+        qn = connection.ops.quote_name
+        now = now_sql(vendor)
+        mine = f"r.{qn('owner')} = excluded.{qn('owner')}"
+        claimable = f"r.{qn('expires_at')} < {now}"
+        take = f"(NOT ({mine}) AND {claimable})"
+        dup = f"(NOT ({mine}) AND NOT ({claimable}))"
+        assignments = [
+            f"{qn(col)} = CASE WHEN {take} THEN excluded.{qn(col)} ELSE r.{qn(col)} END"
+            for col in _TAKEOVER_COLUMNS
+        ]
+        assignments += [
+            f"{qn('takeovers')} = r.{qn('takeovers')} + CASE WHEN {take} THEN 1 ELSE 0 END",
+            f"{qn('skipped')} = r.{qn('skipped')} + CASE WHEN {dup} AND r.{qn('status')} = "
+            f"'{Status.CONSUMED.value}' THEN 1 ELSE 0 END",
+            f"{qn('rescheduled')} = r.{qn('rescheduled')} + CASE WHEN {dup} AND "
+            f"r.{qn('status')} = '{Status.PROCESSING.value}' THEN 1 ELSE 0 END",
+            f"{qn('last_duplicate_at')} = CASE WHEN {dup} THEN {now} "
+            f"ELSE r.{qn('last_duplicate_at')} END",
+        ]
+        result_col = f"{qn('result')}::text" if vendor == "postgresql" else qn("result")
+        returning = [qn(c) for c in _RECORD_COLUMNS if c != "result"] + [
+            f"{result_col} AS {qn('result')}",
+            f"({qn('expires_at')} < {now}) AS {qn('lease_expired')}",
+        ]
+        # created_at, updated_at, expires_at (one parameter: the seconds),
+        # consumed_at, then the fixed tail.
+        expires, _ = now_plus_sql(vendor, 0)
+        consumed = now if transactional else "NULL"
+        tail = f"{now}, {now}, {expires}, {consumed}, NULL, 0, 0, 0, NULL, NULL, NULL"
+        placeholders = ", ".join(["%s"] * 13) + ", " + tail
+        table = qn(DedupRecord._meta.db_table)
+        columns = ", ".join(qn(c) for c in _CLAIM_COLUMNS)
+        if vendor == "postgresql" and transactional:
+            # The advisory lock makes a copy in flight visible without waiting:
+            # without the lock, the SELECT yields no row and nothing is inserted.
+            # It is a transaction lock, so it ends with the body's transaction.
+            source = f"SELECT {placeholders} WHERE pg_try_advisory_xact_lock(%s)"
+        else:
+            source = f"VALUES ({placeholders})"
+        sql = (
+            f"INSERT INTO {table} AS r ({columns}) {source} "
+            f"ON CONFLICT ({qn('scope')}, {qn('key_digest')}) DO UPDATE SET "
+            + ", ".join(assignments)
+            + " RETURNING "
+            + ", ".join(returning)
+        )
+        self._sql[cache_key] = sql
+        return sql
+
+    def _claim_upsert(self, claim: Claim, connection: Any, *, transactional: bool) -> ClaimOutcome:
+        sql = self._upsert_sql(connection, transactional=transactional)
+        seconds = claim.record_ttl if transactional else claim.lease_seconds
+        params = self._claim_values(claim, connection, transactional=transactional)
+        params += now_plus_sql(connection.vendor, seconds)[1]
+        if connection.vendor == "postgresql" and transactional:
+            params.append(advisory_lock_key(claim.scope, claim.key_digest))
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            row = cursor.fetchone()
+            names = [col[0] for col in cursor.description] if row is not None else []
+        if row is None:
+            return ClaimOutcome(verdict=Verdict.IN_FLIGHT, record=None)
+        return self._outcome(claim, self._record_from_row(dict(zip(names, row, strict=False))))
+
+    # -- the portable claim (MySQL, MariaDB) ------------------------------------
+
+    def _claim_generic(self, claim: Claim, *, transactional: bool) -> ClaimOutcome:
+        manager = self._manager()
+        ident = claim.identity
+        seconds = claim.record_ttl if transactional else claim.lease_seconds
+        fields = {
+            "key": display_key(claim.key),
+            "status": Status.CONSUMED if transactional else Status.PROCESSING,
+            "owner": uuid.UUID(claim.owner),
+            "task_id": claim.task_id,
+            "task_name": claim.task_name[:255],
+            "attempt": claim.attempt,
+            "hostname": ident.hostname,
+            "pid": ident.pid,
+            "process_start": ident.process_start,
+            "boot_id": ident.boot_id,
+            "pid_namespace": ident.pid_namespace,
+            "updated_at": Now(),
+            "expires_at": NowPlus(seconds),
+            "consumed_at": Now() if transactional else None,
+            "heartbeat_at": None,
+            "result": None,
+            "payload_digest": None,
+        }
+        ident_filter = {"scope": claim.scope, "key_digest": claim.key_digest}
+        for _ in range(3):
+            try:
+                with transaction.atomic(using=self.alias):
+                    manager.create(**ident_filter, created_at=Now(), **fields)
+            except IntegrityError:
+                pass
+            else:
+                return self._outcome(claim, self._fetch(claim.scope, claim.key_digest))
+            taken = (
+                manager.filter(**ident_filter, expires_at__lt=Now())
+                .exclude(owner=uuid.UUID(claim.owner))
+                .update(takeovers=F("takeovers") + 1, **fields)
+            )
+            if not taken:
+                manager.filter(**ident_filter).filter(~Q(owner=uuid.UUID(claim.owner))).update(
+                    skipped=Case(
+                        When(status=Status.CONSUMED, then=F("skipped") + 1),
+                        default=F("skipped"),
+                        output_field=PositiveIntegerField(),
+                    ),
+                    rescheduled=Case(
+                        When(status=Status.PROCESSING, then=F("rescheduled") + 1),
+                        default=F("rescheduled"),
+                        output_field=PositiveIntegerField(),
+                    ),
+                    last_duplicate_at=Now(),
+                )
+            record = self._fetch(claim.scope, claim.key_digest)
+            if record is not None:
+                return self._outcome(claim, record)
+            # Purged or released between the statements: claim again.
+        raise StorageError("the record kept disappearing while it was being claimed")
+
+    def _fetch(self, scope: str, key_digest: str) -> Record | None:
+        obj = self._manager().filter(scope=scope, key_digest=key_digest).first()
+        if obj is None:
+            return None
+        return self._record_from_model(obj, lease_expired=None)
+
+    # -- the contract -------------------------------------------------------------
+
+    @_storage_errors
+    def claim(self, claim: Claim) -> ClaimOutcome:
+        """Claim in status mode (see :meth:`BaseBackend.claim`)."""
+        connection = connections[self.alias]
+        if self._vendor(connection) == "generic":
+            return self._claim_generic(claim, transactional=False)
+        return self._claim_upsert(claim, connection, transactional=False)
+
+    @_storage_errors
+    def claim_in_transaction(self, claim: Claim) -> ClaimOutcome:
+        """Insert a CONSUMED record inside the caller's open transaction.
+
+        The caller holds ``transaction.atomic(using=self.alias)``. A committed
+        record makes the claim a duplicate. On PostgreSQL a copy whose
+        transaction is still open makes it :attr:`Verdict.IN_FLIGHT` at once
+        (``pg_try_advisory_xact_lock``); SQLite serialises writers, and MySQL
+        waits for the row lock up to ``innodb_lock_wait_timeout``.
+        """
+        connection = connections[self.alias]
+        if self._vendor(connection) == "generic":
+            return self._claim_generic(claim, transactional=True)
+        return self._claim_upsert(claim, connection, transactional=True)
+
+    @_storage_errors
+    def store_result(self, claim: Claim, result: Any) -> None:
+        """Store *result* on the record *claim* owns, inside the open transaction."""
+        self._manager().filter(
+            scope=claim.scope, key_digest=claim.key_digest, owner=uuid.UUID(claim.owner)
+        ).update(result=result)
+
+    @_storage_errors
+    def complete(self, claim: Claim, result: Any) -> bool:
+        """Mark the record CONSUMED if *claim* still owns it (see :meth:`BaseBackend.complete`)."""
+        manager = self._manager()
+        updated = manager.filter(
+            scope=claim.scope, key_digest=claim.key_digest, owner=uuid.UUID(claim.owner)
+        ).update(
+            status=Status.CONSUMED,
+            expires_at=NowPlus(claim.record_ttl),
+            consumed_at=Now(),
+            updated_at=Now(),
+            result=result,
+        )
+        if updated:
+            return True
+        # The record is gone (purged or released after the lease expired) or
+        # someone else owns it. Recreate it only if it is gone.
+        ident = claim.identity
+        try:
+            with transaction.atomic(using=self.alias):
+                manager.create(
+                    scope=claim.scope,
+                    key=display_key(claim.key),
+                    key_digest=claim.key_digest,
+                    status=Status.CONSUMED,
+                    owner=uuid.UUID(claim.owner),
+                    task_id=claim.task_id,
+                    task_name=claim.task_name[:255],
+                    attempt=claim.attempt,
+                    hostname=ident.hostname,
+                    pid=ident.pid,
+                    process_start=ident.process_start,
+                    boot_id=ident.boot_id,
+                    pid_namespace=ident.pid_namespace,
+                    created_at=Now(),
+                    updated_at=Now(),
+                    expires_at=NowPlus(claim.record_ttl),
+                    consumed_at=Now(),
+                    result=result,
+                )
+        except IntegrityError:
+            return False
+        return True
+
+    @_storage_errors
+    def release(self, scope: str, key_digest: str, owner: str, *, expired_only: bool) -> bool:
+        """Compare-and-delete a PROCESSING record (see :meth:`BaseBackend.release`)."""
+        connection = connections[self.alias]
+        qn = connection.ops.quote_name
+        sql = (
+            f"DELETE FROM {qn(DedupRecord._meta.db_table)} WHERE {qn('scope')} = %s "
+            f"AND {qn('key_digest')} = %s AND {qn('owner')} = %s AND {qn('status')} = %s"
+        )
+        params = [scope, key_digest, self._owner_param(owner, connection), Status.PROCESSING.value]
+        if expired_only:
+            sql += f" AND {qn('expires_at')} < {now_sql(connection.vendor)}"
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.rowcount == 1
+
+    @_storage_errors
+    def get(self, scope: str, key_digest: str) -> Record | None:
+        """Return the record with a ``lease_expired`` flag computed by the database."""
+        obj = (
+            self._manager()
+            .filter(scope=scope, key_digest=key_digest)
+            .annotate(
+                _lease_expired=Case(
+                    When(expires_at__lt=Now(), then=Value(True)),
+                    default=Value(False),
+                    output_field=BooleanField(),
+                )
+            )
+            .first()
+        )
+        if obj is None:
+            return None
+        return self._record_from_model(obj, lease_expired=bool(obj._lease_expired))
+
+    @_storage_errors
+    def purge_expired(self, *, batch_size: int = 1000, dry_run: bool = False) -> int:
+        """Delete expired records in batches of *batch_size*, each in its own short statement."""
+        manager = self._manager()
+        if dry_run:
+            return manager.filter(expires_at__lt=Now()).count()
+        connection = connections[self.alias]
+        qn = connection.ops.quote_name
+        total = 0
+        while True:
+            ids = list(
+                manager.filter(expires_at__lt=Now())
+                .order_by("expires_at")
+                .values_list("pk", flat=True)[:batch_size]
+            )
+            if not ids:
+                return total
+            sql = (
+                f"DELETE FROM {qn(DedupRecord._meta.db_table)} WHERE {qn('id')} IN "
+                f"({', '.join(['%s'] * len(ids))}) AND {qn('expires_at')} < "
+                f"{now_sql(connection.vendor)}"
+            )
+            with connection.cursor() as cursor:
+                cursor.execute(sql, ids)
+                total += cursor.rowcount
+            if len(ids) < batch_size:
+                return total
+
+    # -- transactional mode --------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Open the transaction that holds a transactional claim and the task body."""
+        with transaction.atomic(using=self.alias):
+            yield
+
+    def in_outer_transaction(self) -> bool:
+        """True if the message table's connection is already inside an atomic block."""
+        return connections[self.alias].in_atomic_block
+
+    def transaction_broken(self) -> bool:
+        """True if a database error inside the atomic block doomed it to roll back."""
+        return connections[self.alias].needs_rollback
+
+
+__all__ = ["DatabaseBackend", "NowPlus", "advisory_lock_key"]

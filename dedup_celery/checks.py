@@ -1,0 +1,253 @@
+"""System checks for ``DEDUP_CELERY`` and for the Celery configuration of DedupTasks.
+
+Ids are stable and never reused:
+
+========================  ==========================================================
+id                        problem
+========================  ==========================================================
+``dedup_celery.E001``     ``DEDUP_CELERY`` is not a dict
+``dedup_celery.E002``     unknown key in ``DEDUP_CELERY``
+``dedup_celery.E003``     a value of the wrong type or range
+``dedup_celery.E004``     ``BACKEND`` cannot be loaded, or ``OPTIONS`` does not fit it
+``dedup_celery.E005``     ``DATABASE`` is not in ``settings.DATABASES``
+``dedup_celery.E006``     a scope used by a status-mode task and a transactional one
+``dedup_celery.E007``     a task's dedup options are invalid
+``dedup_celery.E008``     a transactional task on a backend without transactions
+``dedup_celery.W001``     ``acks_late`` is off on a DedupTask
+``dedup_celery.W002``     ``reject_on_worker_lost`` is off on a DedupTask
+``dedup_celery.W003``     ``track_started`` is on for a DedupTask
+``dedup_celery.W004``     RETRY_COUNTDOWN at or above the broker's visibility timeout
+``dedup_celery.W005``     RECORD_TTL shorter than the visibility timeout or retry horizon
+``dedup_celery.W006``     PROCESSING_TIMEOUT not above the task's hard time limit
+``dedup_celery.W007``     the Celery app's tasks could not be inspected
+========================  ==========================================================
+
+The checks of Celery configuration are warnings and never raise, so they cannot
+stop ``manage.py migrate``. Celery's worker runs the checks but discards their
+output, so :func:`log_check_messages` logs them once when the worker is ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from django.core import checks
+
+from dedup_celery.conf import DEFAULTS, raw_settings, validate
+
+logger = logging.getLogger(__name__)
+
+TAG = "dedup_celery"
+
+# Broker transports that redeliver unacked messages after a visibility timeout.
+_VISIBILITY_TIMEOUT_SCHEMES = ("redis", "rediss", "sentinel", "sqs")
+_DEFAULT_VISIBILITY_TIMEOUT = 3600
+
+
+@checks.register(TAG)
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Validate ``settings.DEDUP_CELERY`` and that its backend can be built."""
+    errors = validate(raw_settings())
+    if errors:
+        return errors
+    from dedup_celery.backends import build_backend
+    from dedup_celery.exceptions import DedupConfigurationError
+
+    try:
+        build_backend()
+    except DedupConfigurationError as exc:
+        return [
+            checks.Error(
+                str(exc),
+                hint='Set DEDUP_CELERY["BACKEND"] to "db" or to the dotted path of a '
+                "BaseBackend subclass, and OPTIONS to the keyword arguments it accepts.",
+                id="dedup_celery.E004",
+            )
+        ]
+    return []
+
+
+def _current_celery_app() -> Any:
+    from celery import current_app
+
+    return current_app._get_current_object()
+
+
+def dedup_tasks(app: Any) -> list[Any]:
+    """Return the app's DedupTask instances, importing the task modules the worker imports."""
+    from dedup_celery.task import DedupTask
+
+    with warnings.catch_warnings():
+        # A project without a Celery config makes the default loader warn.
+        warnings.simplefilter("ignore")
+        app.loader.import_default_modules()
+    return [task for _, task in sorted(app.tasks.items()) if isinstance(task, DedupTask)]
+
+
+def _visibility_timeout(app: Any) -> float | None:
+    url = app.conf.broker_read_url or app.conf.broker_url or ""
+    if isinstance(url, list | tuple):
+        url = url[0] if url else ""
+    scheme = str(url).split("://", 1)[0].split("+")[0].lower()
+    if scheme not in _VISIBILITY_TIMEOUT_SCHEMES:
+        return None
+    options = app.conf.broker_transport_options or {}
+    return float(options.get("visibility_timeout", _DEFAULT_VISIBILITY_TIMEOUT))
+
+
+def _retry_horizon(task: Any) -> float | None:
+    """Roughly how long after the first delivery a retry of *task* can still arrive."""
+    max_retries = task.max_retries
+    if max_retries is None:
+        return None
+    delay = task.default_retry_delay or 0
+    if getattr(task, "retry_backoff", False):
+        delay = max(delay, getattr(task, "retry_backoff_max", 600) or 0)
+    return float(max_retries) * float(delay)
+
+
+def _effective(task: Any, option: str, setting: str) -> float:
+    value = getattr(task, option)
+    if value is not None:
+        return float(value)
+    raw = raw_settings()
+    merged = {**DEFAULTS, **raw} if isinstance(raw, dict) else DEFAULTS
+    return float(merged[setting])
+
+
+@checks.register(TAG)
+def check_celery_tasks(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Check every DedupTask's options and the Celery settings they depend on."""
+    if validate(raw_settings()):
+        return []  # check_settings reports those; the numbers below would be wrong.
+    try:
+        app = _current_celery_app()
+        tasks = dedup_tasks(app)
+        return list(_task_messages(app, tasks))
+    except Exception as exc:
+        return [
+            checks.Warning(
+                f"dedup_celery could not inspect the Celery app's tasks: "
+                f"{type(exc).__name__}: {exc}",
+                hint="Make sure the Celery app is importable from the Django project "
+                "(usually in proj/celery.py, imported by proj/__init__.py).",
+                id="dedup_celery.W007",
+            )
+        ]
+
+
+def _task_messages(app: Any, tasks: Iterable[Any]) -> Iterable[checks.CheckMessage]:
+    from dedup_celery.backends import load_backend_class
+    from dedup_celery.task import task_option_errors
+
+    merged = {**DEFAULTS, **raw_settings()}
+    backend_cls = load_backend_class(merged["BACKEND"])
+    visibility_timeout = _visibility_timeout(app)
+    modes: dict[str, dict[bool, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for task in tasks:
+        problems = task_option_errors(task)
+        if problems:
+            yield checks.Error(
+                f"Task {task.name!r} has invalid dedup options: " + "; ".join(problems) + ".",
+                hint="Fix the options given to the task decorator.",
+                obj=task.name,
+                id="dedup_celery.E007",
+            )
+            continue
+        scope = task.dedup_scope or task.name
+        modes[scope][bool(task.dedup_transactional)].append(task.name)
+        if task.dedup_transactional and not backend_cls.supports_transactional:
+            yield checks.Error(
+                f"Task {task.name!r} sets dedup_transactional=True, but the "
+                f"{backend_cls.__name__} backend has no transactions.",
+                hint='Use DEDUP_CELERY["BACKEND"] = "db", or drop dedup_transactional.',
+                obj=task.name,
+                id="dedup_celery.E008",
+            )
+        if not task.acks_late:
+            yield checks.Warning(
+                f"Task {task.name!r} is a DedupTask with acks_late=False: a worker that "
+                "dies while it runs loses the message.",
+                hint="Remove acks_late=False from the task (DedupTask turns it on).",
+                obj=task.name,
+                id="dedup_celery.W001",
+            )
+        if not task.reject_on_worker_lost:
+            yield checks.Warning(
+                f"Task {task.name!r} is a DedupTask with reject_on_worker_lost=False: the "
+                "message of a killed worker child is acked instead of redelivered.",
+                hint="Remove reject_on_worker_lost=False from the task (DedupTask turns it on).",
+                obj=task.name,
+                id="dedup_celery.W002",
+            )
+        if task.track_started:
+            yield checks.Warning(
+                f"Task {task.name!r} is a DedupTask with track_started=True: a redelivered "
+                "duplicate writes STARTED over the original's stored SUCCESS before it is "
+                "skipped.",
+                hint="Set track_started=False on this task (or task_track_started=False).",
+                obj=task.name,
+                id="dedup_celery.W003",
+            )
+        countdown = _effective(task, "dedup_retry_countdown", "RETRY_COUNTDOWN")
+        record_ttl = _effective(task, "dedup_record_ttl", "RECORD_TTL")
+        processing_timeout = _effective(task, "dedup_processing_timeout", "PROCESSING_TIMEOUT")
+        if visibility_timeout is not None and countdown >= visibility_timeout:
+            yield checks.Warning(
+                f"Task {task.name!r}: RETRY_COUNTDOWN ({countdown:g} s) is not below the "
+                f"broker's visibility timeout ({visibility_timeout:g} s), so every "
+                "rescheduled duplicate is itself redelivered again.",
+                hint="Lower RETRY_COUNTDOWN (or dedup_retry_countdown) below "
+                "broker_transport_options['visibility_timeout'].",
+                obj=task.name,
+                id="dedup_celery.W004",
+            )
+        horizon = _retry_horizon(task)
+        limits = [v for v in (visibility_timeout, horizon) if v]
+        if limits and record_ttl < max(limits):
+            yield checks.Warning(
+                f"Task {task.name!r}: RECORD_TTL ({record_ttl:g} s) is shorter than the "
+                f"broker's visibility timeout or the task's retry horizon ({max(limits):g} s); "
+                "a copy arriving after the record expired runs the body again.",
+                hint="Raise RECORD_TTL (or dedup_record_ttl) above both.",
+                obj=task.name,
+                id="dedup_celery.W005",
+            )
+        time_limit = task.time_limit or app.conf.task_time_limit
+        if time_limit and processing_timeout <= float(time_limit):
+            yield checks.Warning(
+                f"Task {task.name!r}: PROCESSING_TIMEOUT ({processing_timeout:g} s) is not "
+                f"above its hard time limit ({float(time_limit):g} s); a body still running "
+                "when its lease ends can be taken over and run twice.",
+                hint="Raise PROCESSING_TIMEOUT (or dedup_processing_timeout) above the time limit.",
+                obj=task.name,
+                id="dedup_celery.W006",
+            )
+    for scope, by_mode in sorted(modes.items()):
+        if len(by_mode) > 1:
+            names = sorted(by_mode[True] + by_mode[False])
+            yield checks.Error(
+                f"Scope {scope!r} is used by status-mode task(s) {sorted(by_mode[False])} and "
+                f"transactional task(s) {sorted(by_mode[True])}.",
+                hint="Give the tasks different dedup_scope values, or the same mode.",
+                obj=", ".join(names),
+                id="dedup_celery.E006",
+            )
+
+
+def log_check_messages(**kwargs: Any) -> None:
+    """Log dedup_celery's check messages (Celery's worker runs checks but drops the output)."""
+    from django.core.checks import run_checks
+
+    try:
+        messages = run_checks(tags=[TAG])
+    except Exception:
+        logger.exception("dedup_celery: the system checks could not run")
+        return
+    for message in messages:
+        level = logging.ERROR if message.is_serious() else logging.WARNING
+        logger.log(level, "%s", message)

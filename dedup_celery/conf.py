@@ -1,0 +1,167 @@
+"""Settings for dedup_celery, read from ``settings.DEDUP_CELERY`` when they are used.
+
+Defaults live in :data:`DEFAULTS` and nowhere else. Nothing is written back into
+``django.conf.settings``; the parsed value is cached and dropped whenever Django
+sends ``setting_changed`` (``override_settings`` in tests).
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings as django_settings
+from django.core import checks
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
+from dedup_celery.exceptions import DedupConfigurationError
+
+SETTING_NAME = "DEDUP_CELERY"
+
+DEFAULTS: dict[str, Any] = {
+    "BACKEND": "db",
+    "OPTIONS": {},
+    "DATABASE": None,
+    "PROCESSING_TIMEOUT": 600,
+    "RETRY_COUNTDOWN": 5,
+    "RECORD_TTL": 7 * 24 * 3600,
+    "RESULT_MAX_BYTES": 65536,
+}
+
+# Keys whose value is a number of seconds that must be greater than zero.
+_POSITIVE_SECONDS = ("PROCESSING_TIMEOUT", "RETRY_COUNTDOWN", "RECORD_TTL")
+
+
+@dataclass(frozen=True)
+class DedupSettings:
+    """The validated content of ``settings.DEDUP_CELERY`` merged over the defaults."""
+
+    backend: str
+    options: dict[str, Any] = field(hash=False)
+    database: str | None
+    processing_timeout: float
+    retry_countdown: float
+    record_ttl: float
+    result_max_bytes: int
+
+
+_cached: DedupSettings | None = None
+
+
+def is_seconds(value: Any) -> bool:
+    """Return True if *value* is a real number of seconds greater than zero."""
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and value == value  # rejects NaN
+        and 0 < value < float("inf")
+    )
+
+
+def raw_settings() -> Any:
+    """Return ``settings.DEDUP_CELERY`` as the user wrote it (an empty dict if unset)."""
+    return getattr(django_settings, SETTING_NAME, {})
+
+
+def validate(raw: Any) -> list[checks.CheckMessage]:
+    """Return one check error for every problem in *raw* (``settings.DEDUP_CELERY``).
+
+    The same list drives the system checks and the exception raised at use
+    time, so both always agree.
+    """
+    if not isinstance(raw, dict):
+        return [
+            checks.Error(
+                f"settings.{SETTING_NAME} must be a dict, not {type(raw).__name__}.",
+                hint=f"Set {SETTING_NAME} = {{}} to use every default.",
+                id="dedup_celery.E001",
+            )
+        ]
+    errors: list[checks.CheckMessage] = []
+    unknown = sorted(set(raw) - set(DEFAULTS), key=str)
+    for key in unknown:
+        errors.append(
+            checks.Error(
+                f"settings.{SETTING_NAME} has an unknown key {key!r}.",
+                hint="Known keys: " + ", ".join(DEFAULTS) + ". Check the spelling.",
+                id="dedup_celery.E002",
+            )
+        )
+    merged = {**DEFAULTS, **raw}
+
+    def bad(key: str, expected: str) -> None:
+        errors.append(
+            checks.Error(
+                f"settings.{SETTING_NAME}[{key!r}] is {merged[key]!r}; it must be {expected}.",
+                hint=f"Fix the value, or remove the key to use the default {DEFAULTS[key]!r}.",
+                id="dedup_celery.E003",
+            )
+        )
+
+    if not isinstance(merged["BACKEND"], str) or not merged["BACKEND"]:
+        bad("BACKEND", 'a backend alias ("db") or the dotted path of a backend class')
+    if not isinstance(merged["OPTIONS"], dict):
+        bad("OPTIONS", "a dict of keyword arguments for the backend")
+    for key in _POSITIVE_SECONDS:
+        if not is_seconds(merged[key]):
+            bad(key, "a number of seconds greater than zero")
+    max_bytes = merged["RESULT_MAX_BYTES"]
+    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
+        bad("RESULT_MAX_BYTES", "an integer number of bytes, 0 or more (0 stores no results)")
+    database = merged["DATABASE"]
+    if database is not None:
+        if not isinstance(database, str):
+            bad("DATABASE", "None or the alias of a database in settings.DATABASES")
+        elif database not in django_settings.DATABASES:
+            errors.append(
+                checks.Error(
+                    f"settings.{SETTING_NAME}['DATABASE'] is {database!r}, which is not "
+                    "a key of settings.DATABASES.",
+                    hint="Use one of: " + ", ".join(django_settings.DATABASES) + ", or None "
+                    "to let the database routers choose.",
+                    id="dedup_celery.E005",
+                )
+            )
+    return errors
+
+
+def get_settings() -> DedupSettings:
+    """Return the validated settings, raising :class:`DedupConfigurationError` if invalid."""
+    global _cached
+    if _cached is None:
+        raw = raw_settings()
+        errors = validate(raw)
+        if errors:
+            raise DedupConfigurationError(
+                " ".join(f"{e.msg} {e.hint or ''}".strip() for e in errors)
+                + f" ({', '.join(e.id for e in errors)})"
+            )
+        merged = {**DEFAULTS, **raw}
+        _cached = DedupSettings(
+            backend=merged["BACKEND"],
+            options=dict(merged["OPTIONS"]),
+            database=merged["DATABASE"],
+            processing_timeout=float(merged["PROCESSING_TIMEOUT"]),
+            retry_countdown=float(merged["RETRY_COUNTDOWN"]),
+            record_ttl=float(merged["RECORD_TTL"]),
+            result_max_bytes=int(merged["RESULT_MAX_BYTES"]),
+        )
+    return _cached
+
+
+def reset() -> None:
+    """Forget the cached settings and backend, so the next use reads them again."""
+    global _cached
+    _cached = None
+    # Imported here: backends import this module.
+    from dedup_celery.backends import reset_backend
+
+    reset_backend()
+
+
+@receiver(setting_changed)
+def _on_setting_changed(*, setting: str, **kwargs: Any) -> None:
+    if setting in (SETTING_NAME, "DATABASES", "DATABASE_ROUTERS"):
+        reset()

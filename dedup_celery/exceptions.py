@@ -1,0 +1,37 @@
+"""Exceptions raised by dedup_celery."""
+
+from __future__ import annotations
+
+from django.core.exceptions import ImproperlyConfigured
+
+
+class DedupError(Exception):
+    """Root of every runtime error raised by dedup_celery."""
+
+
+class DedupKeyError(DedupError):
+    """A task's ``dedup_key`` callable raised or returned an unusable key."""
+
+
+class DuplicateInFlightError(DedupError):
+    """An eager call met a copy of the same message that is still running.
+
+    A worker reschedules such a duplicate; an eager call cannot, because the
+    reschedule would run at once, inside the current call, and recurse.
+    """
+
+
+class OuterTransactionError(DedupError):
+    """A transactional task was called inside an outer ``transaction.atomic`` block.
+
+    The record would only be a savepoint of the caller's transaction, so the
+    guarantee would depend on a commit this library does not control.
+    """
+
+
+class StorageError(DedupError):
+    """The message store could not be reached or refused a statement."""
+
+
+class DedupConfigurationError(ImproperlyConfigured):
+    """``settings.DEDUP_CELERY`` or a task's dedup options cannot work."""

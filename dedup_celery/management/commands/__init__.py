@@ -1,0 +1,1 @@
+"""``manage.py`` commands: dedup_purge."""

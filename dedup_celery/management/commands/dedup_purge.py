@@ -1,0 +1,31 @@
+"""``manage.py dedup_purge``: delete expired message records."""
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from dedup_celery.backends import get_backend
+
+
+class Command(BaseCommand):
+    """Delete message records whose expiry has passed, in batches."""
+
+    help = "Delete expired dedup_celery message records, in batches."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        """Add --batch-size and --dry-run."""
+        parser.add_argument(
+            "--batch-size", type=int, default=1000, help="Rows per DELETE (default 1000)."
+        )
+        parser.add_argument(
+            "--dry-run", action="store_true", help="Count the expired records, delete nothing."
+        )
+
+    def handle(self, *args: Any, batch_size: int, dry_run: bool, **options: Any) -> None:
+        """Purge and print the count."""
+        if batch_size < 1:
+            raise CommandError("--batch-size must be 1 or more.")
+        backend = get_backend()
+        count = backend.purge_expired(batch_size=batch_size, dry_run=dry_run)
+        verb = "would be deleted" if dry_run else "deleted"
+        self.stdout.write(f"{count} expired record(s) {verb} from the {backend.describe()}.")

@@ -1,0 +1,26 @@
+"""Signals sent by :class:`~dedup_celery.task.DedupTask`.
+
+Every signal is sent with the task instance as ``sender`` (as Celery's own task
+signals are), so ``message_claimed.connect(handler, sender=my_task)`` works, and
+with these keyword arguments: ``task_id``, ``scope``, ``key_digest`` and
+``record`` (a :class:`~dedup_celery.backends.base.Record` snapshot, or None when
+the store returned none). Some signals add more, as listed below.
+"""
+
+from django.dispatch import Signal
+
+#: A delivery claimed its message and is about to run the body.
+message_claimed = Signal()
+#: A duplicate of a consumed message was skipped (the body did not run).
+duplicate_skipped = Signal()
+#: A duplicate of a message still in flight was rescheduled. Adds ``countdown``.
+duplicate_rescheduled = Signal()
+#: A delivery took over a record whose lease (or RECORD_TTL) had expired.
+claim_taken_over = Signal()
+#: The body finished, but another owner holds the record: the effect may have
+#: happened twice. Adds ``owner`` (ours) and ``current_owner`` (theirs, or None).
+lease_lost = Signal()
+#: A PROCESSING record was deleted so the message can run again. Adds
+#: ``owner`` and ``reason`` (``"failed"`` after the body raised, ``"operator"``
+#: for the admin action or ``dedup_release``).
+message_released = Signal()

@@ -1,0 +1,11 @@
+"""Celery tasks shipped with dedup_celery (for ``beat``)."""
+
+from celery import shared_task
+
+from dedup_celery.backends import get_backend
+
+
+@shared_task(name="dedup_celery.purge_expired", ignore_result=True)
+def purge_expired(batch_size: int = 1000) -> int:
+    """Delete expired message records; schedule it with Celery beat, e.g. hourly."""
+    return get_backend().purge_expired(batch_size=batch_size)
