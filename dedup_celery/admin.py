@@ -82,7 +82,7 @@ class DedupRecordAdmin(admin.ModelAdmin):
             super()
             .get_queryset(request)
             .annotate(
-                _expired=Case(
+                lease_expired=Case(
                     When(expires_at__lt=Now(), then=Value(True)),
                     default=Value(False),
                     output_field=BooleanField(),
@@ -93,7 +93,7 @@ class DedupRecordAdmin(admin.ModelAdmin):
     @admin.display(description=_("lease"))
     def lease(self, obj: DedupRecord) -> str:
         """Say whether a PROCESSING record's lease is live or expired."""
-        expired = getattr(obj, "_expired", None)
+        expired = getattr(obj, "lease_expired", None)
         if obj.status != DedupRecord.Status.PROCESSING:
             return _("expired") if expired else "—"
         return _("expired") if expired else _("live")

@@ -108,7 +108,8 @@ class DedupTask(DjangoTask):
       ``dedup_record_ttl``: per-task overrides of the settings of the same name.
 
     While the body runs, ``self.request.dedup_owner`` holds this delivery's
-    owner token.
+    owner token (None when the call runs without dedup), so the body can make its
+    own writes conditional on still owning the message.
     """
 
     #: Ack after the body, so a crash before the ack redelivers the message.
@@ -129,6 +130,7 @@ class DedupTask(DjangoTask):
         if request.called_directly:
             # A plain function call carries no message, so there is nothing to dedup.
             return super().__call__(*args, **kwargs)
+        request.dedup_owner = None
         options = self._dedup_options()
         key = self._dedup_key_for(options, args, kwargs)
         if key is None:

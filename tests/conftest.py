@@ -41,3 +41,56 @@ def celery_broker(redis_url):
     """Make the test process publish to the session's Redis (db 0 unless a test says)."""
     celery_app.conf.broker_url = f"{redis_url}/0"
     return celery_app
+
+
+@pytest.fixture(scope="module")
+def start_worker(django_db_setup, celery_broker, redis_url, postgres_server):
+    """Start real ``celery worker`` processes (prefork) for a module; all stop at its end."""
+    from django.db import connections
+
+    from tests.services import Worker
+
+    started: list[Worker] = []
+
+    def start(name, *, broker_db=0, result_backend="", visibility_timeout=None, concurrency=4):
+        env = {
+            "DEDUP_TEST_BROKER_URL": f"{redis_url}/{broker_db}",
+            "DEDUP_TEST_RESULT_BACKEND": result_backend,
+            "DEDUP_TEST_PG_PORT": str(postgres_server.port),
+            "DEDUP_TEST_PG_NAME": connections["default"].settings_dict["NAME"],
+            "DEDUP_TEST_VISIBILITY_TIMEOUT": str(visibility_timeout or ""),
+        }
+        worker = Worker(name, queue=f"q-{name}", env=env, concurrency=concurrency)
+        started.append(worker)
+        return worker.start()
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+SCENARIOS: list[dict] = []
+
+
+@pytest.fixture
+def report_scenario():
+    """Record one duplicate-scenario measurement for the summary printed at the end."""
+    return SCENARIOS.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not SCENARIOS:
+        return
+    columns = ("scenario", "task", "messages", "body runs", "effects", "duplicates", "lost")
+    terminalreporter.section("delivery scenarios (real worker, real broker)")
+    terminalreporter.write_line(" | ".join(f"{c:>10}" for c in columns))
+    for row in SCENARIOS:
+        terminalreporter.write_line(" | ".join(f"{row.get(c, ''):>10}" for c in columns))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the session's scratch folder, unless something failed (worker logs are there)."""
+    import shutil
+
+    if exitstatus == 0 and not os.environ.get("DEDUP_TEST_KEEP"):
+        shutil.rmtree(os.environ["DEDUP_TEST_TMP"], ignore_errors=True)

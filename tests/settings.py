@@ -73,7 +73,6 @@ CELERY_RESULT_BACKEND = os.environ.get("DEDUP_TEST_RESULT_BACKEND", "django-db")
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
-CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 if os.environ.get("DEDUP_TEST_VISIBILITY_TIMEOUT"):
     CELERY_BROKER_TRANSPORT_OPTIONS = {
@@ -83,10 +82,3 @@ if os.environ.get("DEDUP_TEST_VISIBILITY_TIMEOUT"):
     }
 
 DEDUP_CELERY = {"RETRY_COUNTDOWN": 1}
-
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "loggers": {"dedup_celery": {"handlers": ["console"], "level": "INFO"}},
-}

@@ -130,6 +130,8 @@ _DATETIME_COLUMNS = frozenset(
     ("created_at", "updated_at", "expires_at", "consumed_at", "heartbeat_at", "last_duplicate_at")
 )
 
+_PQTRANS_INERROR = 3
+
 _NOW_SQL = {
     "postgresql": "STATEMENT_TIMESTAMP()",
     "sqlite": "STRFTIME('%%Y-%%m-%%d %%H:%%M:%%f', 'NOW')",
@@ -593,8 +595,21 @@ class DatabaseBackend(BaseBackend):
         return connections[self.alias].in_atomic_block
 
     def transaction_broken(self) -> bool:
-        """True if a database error inside the atomic block doomed it to roll back."""
-        return connections[self.alias].needs_rollback
+        """True if a database error inside the atomic block doomed it to roll back.
+
+        Django flags that only when the error left an inner atomic block. A
+        statement that failed and was caught inside the body leaves PostgreSQL's
+        transaction aborted, and its COMMIT would silently roll back; libpq
+        tracks that state locally, so reading it costs no round trip.
+        """
+        connection = connections[self.alias]
+        if connection.needs_rollback:
+            return True
+        if connection.vendor != "postgresql" or connection.connection is None:
+            return False
+        info = getattr(connection.connection, "info", None)
+        # PQTransactionStatus: PQTRANS_INERROR is 3 (psycopg and psycopg2 alike).
+        return getattr(info, "transaction_status", None) == _PQTRANS_INERROR
 
 
 __all__ = ["DatabaseBackend", "NowPlus", "advisory_lock_key"]

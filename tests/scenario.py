@@ -1,0 +1,73 @@
+"""Counting helpers for the worker-level scenario tests."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from dedup_celery.keys import digest
+from dedup_celery.models import DedupRecord
+from tests.services import wait_for
+from tests.testapp.models import Effect
+from tests.testapp.tasks import run_log
+
+
+@dataclass
+class Run:
+    kind: str
+    n: int
+    task_id: str
+    retries: int
+    pid: int
+    at: float
+
+
+def runs(tag: str) -> list[Run]:
+    path = Path(run_log(tag))
+    if not path.exists():
+        return []
+    found = []
+    for line in path.read_text().splitlines():
+        kind, n, task_id, retries, pid, at = line.split()
+        found.append(Run(kind, int(n), task_id, int(retries or 0), int(pid), float(at)))
+    return found
+
+
+def starts(tag: str) -> list[Run]:
+    return [r for r in runs(tag) if r.kind == "start"]
+
+
+def effects(tag: str) -> int:
+    return Effect.objects.filter(tag=tag).count()
+
+
+def record(task, key: str) -> DedupRecord | None:
+    scope = task.dedup_scope or task.name
+    return DedupRecord.objects.filter(scope=scope, key_digest=digest(key)).first()
+
+
+def killed(tag: str, n: int, point: str) -> bool:
+    return os.path.exists(os.path.join(os.environ["DEDUP_TEST_TMP"], f"{tag}-{n}.killed-{point}"))
+
+
+def overlapping(found: list[Run]) -> bool:
+    """True if two body runs were in progress at the same moment."""
+    begins = sorted(r.at for r in found if r.kind == "start")
+    ends = sorted(r.at for r in found if r.kind == "end")
+    return len(begins) > 1 and len(ends) >= 1 and begins[1] < ends[0]
+
+
+def settle(seconds: float = 2.0) -> None:
+    """Give stray copies time to show up before counts are asserted exactly."""
+    time.sleep(seconds)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def wait_until(predicate, timeout: float = 60, what: str = "condition"):
+    return wait_for(predicate, timeout, interval=0.2, what=what)

@@ -1,0 +1,161 @@
+"""The admin: a read-only changelist with filters and search, and the release action."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from django.contrib.auth.models import Permission, User
+from django_celery_results.models import TaskResult
+
+from dedup_celery import get_backend, signals
+from dedup_celery.backends.base import Claim
+from dedup_celery.identity import current_identity
+from dedup_celery.keys import digest
+from dedup_celery.models import DedupRecord
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+URL = "/admin/dedup_celery/deduprecord/"
+
+
+def claim(key, *, lease=60.0, owner=None):
+    made = Claim(
+        scope="admin.task",
+        key=key,
+        key_digest=digest(key),
+        owner=owner or uuid.uuid4().hex,
+        task_id=f"tid-{key}",
+        task_name="admin.task",
+        attempt=0,
+        identity=current_identity(),
+        lease_seconds=lease,
+        record_ttl=3600,
+    )
+    get_backend().claim(made)
+    return made
+
+
+def consumed(key):
+    made = claim(key)
+    get_backend().complete(made, None)
+    return made
+
+
+def test_changelist_renders_records_with_filters_and_search(admin_client):
+    claim("processing-key")
+    consumed("consumed-key")
+    page = admin_client.get(URL)
+    assert page.status_code == 200
+    body = page.content.decode()
+    assert "processing-key" in body
+    assert "consumed-key" in body
+    filtered = admin_client.get(URL, {"status__exact": "processing"}).content.decode()
+    assert "processing-key" in filtered
+    assert "consumed-key" not in filtered
+    searched = admin_client.get(URL, {"q": "tid-consumed-key"}).content.decode()
+    assert "consumed-key" in searched
+    assert "processing-key" not in searched
+
+
+def test_detail_is_read_only_and_links_the_task_result(admin_client):
+    made = consumed("linked")
+    TaskResult.objects.create(task_id=made.task_id, status="SUCCESS")
+    pk = DedupRecord.objects.get(key="linked").pk
+    page = admin_client.get(f"{URL}{pk}/change/")
+    assert page.status_code == 200
+    body = page.content.decode()
+    assert "/admin/django_celery_results/taskresult/" in body
+    assert 'name="_save"' not in body
+    assert admin_client.get(f"{URL}add/").status_code == 403
+
+
+def select(client, records, **extra):
+    data = {
+        "action": "release_records",
+        "_selected_action": [DedupRecord.objects.get(key=r.key).pk for r in records],
+        **extra,
+    }
+    return client.post(URL, data, follow=True)
+
+
+def confirm(client, records, owners, *, force=False):
+    data = {"confirm": "yes"}
+    for made, owner in zip(records, owners, strict=True):
+        data[f"owner-{DedupRecord.objects.get(key=made.key).pk}"] = owner
+    if force:
+        data["force"] = "on"
+    return select(client, records, **data)
+
+
+def test_release_asks_for_confirmation_showing_the_owner(admin_client):
+    made = claim("ask", lease=0.2)
+    page = select(admin_client, [made])
+    assert page.status_code == 200
+    body = page.content.decode()
+    assert made.owner in body
+    assert "release-records" in body
+    assert DedupRecord.objects.filter(key="ask").exists()
+
+
+def test_release_deletes_an_expired_lease_of_the_owner_shown(admin_client):
+    released = []
+
+    def receiver(sender, **kwargs):
+        released.append(kwargs)
+
+    made = claim("expired", lease=0.2)
+    time.sleep(0.4)
+    signals.message_released.connect(receiver)
+    try:
+        page = confirm(admin_client, [made], [made.owner])
+    finally:
+        signals.message_released.disconnect(receiver)
+    assert "1 record(s) released" in page.content.decode()
+    assert not DedupRecord.objects.filter(key="expired").exists()
+    assert released[0]["reason"] == "operator"
+
+
+def test_release_refuses_a_live_lease_unless_forced(admin_client):
+    made = claim("live", lease=60)
+    page = confirm(admin_client, [made], [made.owner])
+    assert "not released" in page.content.decode()
+    assert DedupRecord.objects.filter(key="live").exists()
+    confirm(admin_client, [made], [made.owner], force=True)
+    assert not DedupRecord.objects.filter(key="live").exists()
+
+
+def test_release_refuses_when_the_owner_changed_since_the_page(admin_client):
+    stale = claim("retaken", lease=0.2)
+    time.sleep(0.4)
+    claim("retaken", lease=60)  # another delivery took the expired lease over
+    page = confirm(admin_client, [stale], [stale.owner], force=True)
+    assert "not released" in page.content.decode()
+    assert DedupRecord.objects.get(key="retaken").owner.hex != stale.owner
+
+
+def test_release_never_touches_a_consumed_record(admin_client):
+    made = consumed("done")
+    confirm(admin_client, [made], [made.owner], force=True)
+    assert DedupRecord.objects.get(key="done").status == DedupRecord.Status.CONSUMED
+
+
+def test_release_needs_the_release_permission(client):
+    viewer = User.objects.create_user("viewer", password="pw", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_deduprecord"))
+    client.force_login(viewer)
+    made = claim("guarded", lease=0.2)
+    time.sleep(0.4)
+    page = client.get(URL)
+    assert page.status_code == 200
+    assert "release_records" not in page.content.decode()
+    confirm(client, [made], [made.owner], force=True)
+    assert DedupRecord.objects.filter(key="guarded").exists()
+
+    viewer.user_permissions.add(Permission.objects.get(codename="release_deduprecord"))
+    viewer = User.objects.get(pk=viewer.pk)
+    client.force_login(viewer)
+    assert "release_records" in client.get(URL).content.decode()
+    confirm(client, [made], [made.owner])
+    assert not DedupRecord.objects.filter(key="guarded").exists()

@@ -1,0 +1,199 @@
+"""System checks: every id, through the check functions and Django's run_checks()."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from celery import Celery
+from django.core.checks import run_checks
+from django.core.management import call_command
+
+from dedup_celery import DedupTask, checks
+from dedup_celery.backends.base import BaseBackend
+
+
+class NoTransactionsBackend(BaseBackend):
+    """A backend without transactions (stands for any non-database store)."""
+
+
+def ids(messages):
+    return sorted(m.id for m in messages)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ([], ["dedup_celery.E001"]),
+        ({"PROCESING_TIMEOUT": 5}, ["dedup_celery.E002"]),
+        ({"PROCESSING_TIMEOUT": 0}, ["dedup_celery.E003"]),
+        ({"RETRY_COUNTDOWN": -1}, ["dedup_celery.E003"]),
+        ({"RECORD_TTL": "3600"}, ["dedup_celery.E003"]),
+        ({"RECORD_TTL": True}, ["dedup_celery.E003"]),
+        ({"RECORD_TTL": float("nan")}, ["dedup_celery.E003"]),
+        ({"RESULT_MAX_BYTES": -1}, ["dedup_celery.E003"]),
+        ({"BACKEND": ""}, ["dedup_celery.E003"]),
+        ({"OPTIONS": []}, ["dedup_celery.E003"]),
+        ({"DATABASE": "missing"}, ["dedup_celery.E005"]),
+        ({"BACKEND": "no.such.Backend"}, ["dedup_celery.E004"]),
+        ({"BACKEND": "nosuchalias"}, ["dedup_celery.E004"]),
+        ({"BACKEND": "tests.test_checks.ids"}, ["dedup_celery.E004"]),
+        ({"OPTIONS": {"bogus": 1}}, ["dedup_celery.E004"]),
+        ({}, []),
+        ({"BACKEND": "db", "DATABASE": "sqlite", "PROCESSING_TIMEOUT": 1.5}, []),
+    ],
+)
+def test_settings_checks(settings, value, expected):
+    settings.DEDUP_CELERY = value
+    messages = checks.check_settings()
+    assert ids(messages) == expected
+    for message in messages:
+        assert message.hint, "every error says what to set"
+
+
+def test_an_unknown_key_is_named_in_the_message(settings):
+    settings.DEDUP_CELERY = {"PROCESING_TIMEOUT": 5}
+    (message,) = checks.check_settings()
+    assert "'PROCESING_TIMEOUT'" in message.msg
+    assert "PROCESSING_TIMEOUT" in message.hint
+
+
+def test_a_bad_value_is_also_a_clear_error_at_use_time(settings):
+    from dedup_celery.conf import get_settings
+    from dedup_celery.exceptions import DedupConfigurationError
+
+    settings.DEDUP_CELERY = {"RECORD_TTL": 0}
+    with pytest.raises(DedupConfigurationError, match=r"RECORD_TTL.*dedup_celery.E003"):
+        get_settings()
+
+
+@pytest.fixture
+def celery_app(monkeypatch):
+    """A separate Celery app for the tasks one test defines (all named ``c.*``).
+
+    Celery also adds every shared task to a new app when it is finalized, so
+    :func:`task_messages` keeps only the messages about this test's tasks.
+    """
+    capp = Celery("checks", set_as_current=False)
+    capp.conf.broker_url = "redis://127.0.0.1:6399/0"
+    monkeypatch.setattr(checks, "_current_celery_app", lambda: capp)
+    return capp
+
+
+def task_messages():
+    return [m for m in checks.check_celery_tasks() if str(m.obj).startswith("c.")]
+
+
+def test_a_clean_dedup_task_has_no_messages(celery_app):
+    @celery_app.task(shared=False, base=DedupTask, name="c.clean")
+    def clean():
+        pass
+
+    assert ids(task_messages()) == []
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"acks_late": False}, ["dedup_celery.W001"]),
+        ({"reject_on_worker_lost": False}, ["dedup_celery.W002"]),
+        ({"track_started": True}, ["dedup_celery.W003"]),
+        ({"dedup_retry_countdown": 3600}, ["dedup_celery.W004"]),
+        ({"dedup_record_ttl": 60}, ["dedup_celery.W005"]),
+        ({"max_retries": 1000, "default_retry_delay": 3600}, ["dedup_celery.W005"]),
+        ({"time_limit": 900}, ["dedup_celery.W006"]),
+        ({"time_limit": 900, "dedup_processing_timeout": 1000}, []),
+        ({"dedup_key": "order_no"}, ["dedup_celery.E007"]),
+        ({"dedup_processing_timeout": 0}, ["dedup_celery.E007"]),
+        ({"dedup_transactional": "yes"}, ["dedup_celery.E007"]),
+        ({"dedup_scope": ""}, ["dedup_celery.E007"]),
+        ({"dedup_scope": "s" * 256}, ["dedup_celery.E007"]),
+    ],
+)
+def test_task_checks(celery_app, options, expected):
+    @celery_app.task(shared=False, base=DedupTask, name="c.task", **options)
+    def task():
+        pass
+
+    messages = task_messages()
+    assert ids(messages) == expected
+    assert all(m.obj == "c.task" for m in messages)
+
+
+def test_a_scope_shared_by_a_status_and_a_transactional_task(celery_app):
+    @celery_app.task(shared=False, base=DedupTask, name="c.status", dedup_scope="orders")
+    def status():
+        pass
+
+    @celery_app.task(
+        shared=False, base=DedupTask, name="c.tx", dedup_scope="orders", dedup_transactional=True
+    )
+    def tx():
+        pass
+
+    @celery_app.task(
+        shared=False, base=DedupTask, name="c.tx2", dedup_scope="other", dedup_transactional=True
+    )
+    def tx2():
+        pass
+
+    (message,) = task_messages()
+    assert message.id == "dedup_celery.E006"
+    assert "'orders'" in message.msg
+    assert "c.status" in message.msg
+    assert "c.tx" in message.msg
+
+
+def test_transactional_task_on_a_backend_without_transactions(celery_app, settings):
+    settings.DEDUP_CELERY = {"BACKEND": "tests.test_checks.NoTransactionsBackend"}
+
+    @celery_app.task(shared=False, base=DedupTask, name="c.tx", dedup_transactional=True)
+    def tx():
+        pass
+
+    assert ids(task_messages()) == ["dedup_celery.E008"]
+
+
+def test_visibility_timeout_warnings_follow_the_broker(celery_app):
+    @celery_app.task(shared=False, base=DedupTask, name="c.task", dedup_retry_countdown=20)
+    def task():
+        pass
+
+    celery_app.conf.broker_transport_options = {"visibility_timeout": 10}
+    assert ids(task_messages()) == ["dedup_celery.W004"]
+    celery_app.conf.broker_url = "amqp://127.0.0.1:5699//"
+    assert ids(task_messages()) == []
+
+
+def test_an_uninspectable_celery_app_is_a_warning_not_a_crash(monkeypatch):
+    def broken():
+        raise RuntimeError("no app here")
+
+    monkeypatch.setattr(checks, "_current_celery_app", broken)
+    (message,) = checks.check_celery_tasks()
+    assert message.id == "dedup_celery.W007"
+    assert "no app here" in message.msg
+
+
+@pytest.mark.django_db
+def test_celery_warnings_never_stop_migrate(celery_app):
+    @celery_app.task(shared=False, base=DedupTask, name="c.task", acks_late=False)
+    def task():
+        pass
+
+    assert "dedup_celery.W001" in ids(run_checks(tags=[checks.TAG]))
+    call_command("migrate", "dedup_celery", verbosity=0)
+
+
+def test_the_test_project_itself_is_clean():
+    assert [m for m in run_checks() if m.id.startswith("dedup_celery")] == []
+
+
+def test_worker_ready_logs_the_check_messages(celery_app, caplog):
+    @celery_app.task(shared=False, base=DedupTask, name="c.task", track_started=True)
+    def task():
+        pass
+
+    with caplog.at_level(logging.WARNING, logger="dedup_celery.checks"):
+        checks.log_check_messages(sender=None)
+    assert "dedup_celery.W003" in caplog.text

@@ -1,0 +1,159 @@
+"""Rescheduling, run through Celery's own tracer as a worker runs a task (not eagerly).
+
+The rescheduled copy is published to the real Redis broker and read back from
+the queue, so these tests see exactly what a worker would receive.
+"""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+
+import pytest
+from celery import Celery
+from celery.app.trace import build_tracer
+from django.db import connections
+from django.test import override_settings
+
+from dedup_celery import DedupTask, get_backend, signals
+from dedup_celery.backends.base import Claim
+from dedup_celery.identity import current_identity
+from dedup_celery.keys import digest
+from dedup_celery.models import DedupRecord
+from tests.celery_app import app
+
+RUNS: list[str] = []
+
+
+@app.task(base=DedupTask, name="unit.reschedulable", bind=True, dedup_retry_countdown=3)
+def reschedulable(self, value, *, flag=None):
+    RUNS.append(self.request.id)
+    return value
+
+
+def run_as_worker(task, task_id, args, kwargs, *, retries=0, queue="q-unit-reschedule"):
+    """Run *task* through Celery's tracer with a worker-like request."""
+    tracer = build_tracer(task.name, task, app=task.app, eager=False, propagate=False)
+    request = {
+        "id": task_id,
+        "retries": retries,
+        "delivery_info": {"exchange": "", "routing_key": queue, "priority": 0},
+        "hostname": "unit@localhost",
+        "is_eager": False,
+        "expires": None,
+    }
+    return tracer(task_id, list(args), kwargs, request)
+
+
+def read_queue(connection, queue):
+    simple = connection.SimpleQueue(queue)
+    try:
+        message = simple.get(timeout=5)
+        message.ack()
+        return message
+    finally:
+        simple.close()
+
+
+def claim_for(task, task_id):
+    return Claim(
+        scope=task.name,
+        key=task_id,
+        key_digest=digest(task_id),
+        owner=uuid.uuid4().hex,
+        task_id=task_id,
+        task_name=task.name,
+        attempt=0,
+        identity=current_identity(),
+        lease_seconds=60,
+        record_ttl=60,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _clear_runs():
+    RUNS.clear()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_in_flight_duplicate_is_republished_with_the_same_id_and_retries(celery_broker):
+    task_id = str(uuid.uuid4())
+    get_backend().claim(claim_for(reschedulable, task_id))
+    seen = []
+
+    def receiver(sender, **kwargs):
+        seen.append(kwargs)
+
+    signals.duplicate_rescheduled.connect(receiver)
+    try:
+        before = datetime.datetime.now(datetime.timezone.utc)
+        trace = run_as_worker(reschedulable, task_id, [7], {"flag": "x"}, retries=2)
+    finally:
+        signals.duplicate_rescheduled.disconnect(receiver)
+    assert trace.info.state == "IGNORED"
+    assert RUNS == []
+    with app.connection_for_read() as connection:
+        message = read_queue(connection, "q-unit-reschedule")
+    headers = message.headers
+    assert headers["id"] == task_id
+    assert headers["task"] == "unit.reschedulable"
+    assert headers["retries"] == 2
+    eta = datetime.datetime.fromisoformat(headers["eta"])
+    assert 2.5 <= (eta - before).total_seconds() <= 10
+    args, kwargs, _embed = message.decode()
+    assert (args, kwargs) == ([7], {"flag": "x"})
+    record = DedupRecord.objects.get(key_digest=digest(task_id))
+    assert record.rescheduled == 1
+    assert seen[0]["countdown"] == 3
+
+
+@pytest.fixture
+def unreachable_database(django_db_blocker):
+    """A database alias whose server refuses connections (nothing listens on port 1)."""
+    django_db_blocker.unblock()
+    connections.settings["unreachable"] = {**connections["default"].settings_dict, "PORT": "1"}
+    try:
+        with override_settings(DEDUP_CELERY={"DATABASE": "unreachable", "RETRY_COUNTDOWN": 1}):
+            yield "unreachable"
+    finally:
+        connections["unreachable"].close()
+        del connections["unreachable"]
+        del connections.settings["unreachable"]
+        django_db_blocker.restore()
+
+
+def test_storage_failure_during_the_claim_reschedules_without_running_the_body(
+    unreachable_database, celery_broker, caplog
+):
+    task_id = str(uuid.uuid4())
+    trace = run_as_worker(reschedulable, task_id, [1], {}, queue="q-unit-storage")
+    assert trace.info.state == "IGNORED"
+    assert RUNS == []
+    assert "the message store failed during claim" in caplog.text
+    with app.connection_for_read() as connection:
+        message = read_queue(connection, "q-unit-storage")
+    assert message.headers["id"] == task_id
+    assert message.headers["retries"] == 0
+
+
+def test_a_reschedule_that_cannot_be_published_requeues_the_message(unreachable_database):
+    unreachable_broker = Celery("unreachable", set_as_current=False)
+    unreachable_broker.conf.update(
+        broker_url="redis://127.0.0.1:1/0",
+        task_publish_retry_policy={
+            "max_retries": 1,
+            "interval_start": 0,
+            "interval_step": 0.1,
+            "interval_max": 0.1,
+        },
+        broker_connection_timeout=1,
+    )
+
+    @unreachable_broker.task(shared=False, base=DedupTask, name="unit.unpublishable")
+    def unpublishable():
+        RUNS.append("ran")
+
+    trace = run_as_worker(unpublishable, str(uuid.uuid4()), [], {})
+    assert trace.info.state == "REJECTED"
+    assert trace.info.retval.requeue is True
+    assert RUNS == []

@@ -1,0 +1,68 @@
+"""Scenario (e): a countdown longer than the Redis broker's visibility timeout.
+
+kombu restores the unacked ETA message every visibility timeout, so the worker
+ends up holding several copies of it, which all run when the countdown ends.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.scenario import effects, new_id, record, settle, starts, wait_until
+from tests.testapp.tasks import plain_effect, status_effect, tx_effect
+
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+
+TASKS = {"plain": plain_effect, "status": status_effect, "transactional": tx_effect}
+BROKER_DB = 1
+COUNTDOWN = 7
+
+
+@pytest.fixture(scope="module")
+def worker(start_worker):
+    return start_worker("visibility", broker_db=BROKER_DB, visibility_timeout=2)
+
+
+@pytest.mark.parametrize("mode", list(TASKS))
+def test_e_countdown_longer_than_the_visibility_timeout(worker, mode, redis_url, report_scenario):
+    from tests.celery_app import app
+
+    task, task_id, tag = TASKS[mode], new_id(), f"e-{mode}-{new_id()[:8]}"
+    with app.connection_for_write(f"{redis_url}/{BROKER_DB}") as connection:
+        task.apply_async(
+            kwargs={"tag": tag, "n": 1},
+            task_id=task_id,
+            queue=worker.queue,
+            countdown=COUNTDOWN,
+            connection=connection,
+        )
+    if mode == "plain":
+        wait_until(lambda: effects(tag) >= 2, timeout=COUNTDOWN * 4, what="the control to repeat")
+        settle(3)
+        assert effects(tag) >= 2
+        duplicates = 0
+    else:
+        wait_until(
+            lambda: (
+                effects(tag) == 1
+                and (record(task, task_id) or 0)
+                and record(task, task_id).skipped >= 1
+            ),
+            timeout=COUNTDOWN * 4,
+            what="the effect and a skipped redelivered copy",
+        )
+        settle(3)
+        assert effects(tag) == 1
+        assert len(starts(tag)) == 1
+        duplicates = record(task, task_id).skipped
+    report_scenario(
+        {
+            "scenario": "e",
+            "task": mode,
+            "messages": 1,
+            "body runs": len(starts(tag)),
+            "effects": effects(tag),
+            "duplicates": duplicates,
+            "lost": 0,
+        }
+    )
