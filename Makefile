@@ -1,0 +1,43 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   the example project on embedded defaults (SQLite, a file-based broker)
+#   make test   the whole test suite, on throwaway PostgreSQL and Redis servers
+# Both create .venv and install what they need; 'make test' also installs
+# redis-server from the distribution when it is missing.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: test demo lint tox constraints redis-server clean
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
+		-c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || sh .ci/install-redis-server
+
+test: $(STAMP) redis-server
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/python example_project/demo.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# The Django/Python/Celery matrix of tox.ini. pyenv's interpreters are callable
+# only once pyenv selects them, so select every installed one for this run.
+tox: $(STAMP) redis-server
+	PYENV_VERSION="$$(pyenv versions --bare 2>/dev/null | paste -sd: -)" $(BIN)/tox $(TOX_ARGS)
+
+constraints: $(STAMP)
+	{ echo "# Exact versions that CI ('make test') installs; refresh with 'make constraints'."; \
+	  $(BIN)/pip freeze --exclude-editable | grep -iv '^dedup'; } > constraints.txt
+
+clean:
+	rm -rf $(VENV) .tox build *.egg-info artifacts example_project/var
