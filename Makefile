@@ -31,9 +31,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 # The Django/Python/Celery matrix of tox.ini. pyenv's interpreters are callable
-# only once pyenv selects them, so select every installed one for this run.
+# only once pyenv selects them; put each installed version's own bin folder on
+# PATH for this run instead, so tox finds python3.10 ... python3.13 as they are.
 tox: $(STAMP) redis-server
-	PYENV_VERSION="$$(pyenv versions --bare 2>/dev/null | paste -sd: -)" $(BIN)/tox $(TOX_ARGS)
+	PATH="$$(for v in $$(pyenv versions --bare 2>/dev/null | sort -rV); do \
+		printf '%s:' "$$(pyenv root)/versions/$$v/bin"; done)$$PATH" $(BIN)/tox $(TOX_ARGS)
 
 constraints: $(STAMP)
 	{ echo "# Exact versions that CI ('make test') installs; refresh with 'make constraints'."; \

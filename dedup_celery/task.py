@@ -130,6 +130,9 @@ class DedupTask(DjangoTask):
         if request.called_directly:
             # A plain function call carries no message, so there is nothing to dedup.
             return super().__call__(*args, **kwargs)
+        # From here on the body runs through self.run(), in the request Celery's
+        # tracer pushed: Task.__call__ would push another one, which before
+        # Celery 5.7 held only args and kwargs (no id, no retries).
         request.dedup_owner = None
         options = self._dedup_options()
         key = self._dedup_key_for(options, args, kwargs)
@@ -137,7 +140,7 @@ class DedupTask(DjangoTask):
             logger.debug(
                 "%s[%s]: dedup_key returned None, running without dedup", self.name, request.id
             )
-            return super().__call__(*args, **kwargs)
+            return self.run(*args, **kwargs)
         claim = Claim(
             scope=options.scope,
             key=key,
@@ -218,7 +221,7 @@ class DedupTask(DjangoTask):
             return self._duplicate(claim, options, outcome)
         self._claimed(claim, outcome)
         try:
-            retval = super().__call__(*args, **kwargs)
+            retval = self.run(*args, **kwargs)
         except Ignore:
             # self.replace() and bodies that ignore their message: the message is handled.
             self._complete(backend, claim, None)
@@ -342,7 +345,7 @@ class DedupTask(DjangoTask):
                     self._claimed(claim, outcome)
                     phase = "body"
                     try:
-                        retval = super().__call__(*args, **kwargs)
+                        retval = self.run(*args, **kwargs)
                     except Ignore as exc:
                         ignored = exc
                     phase = "store"
