@@ -13,6 +13,7 @@ id                        problem
 ``dedup_celery.E006``     a scope used by a status-mode task and a transactional one
 ``dedup_celery.E007``     a task's dedup options are invalid
 ``dedup_celery.E008``     a transactional task on a backend without transactions
+``dedup_celery.E009``     the redis backend is chosen but the redis package is missing
 ``dedup_celery.W001``     ``acks_late`` is off on a DedupTask
 ``dedup_celery.W002``     ``reject_on_worker_lost`` is off on a DedupTask
 ``dedup_celery.W003``     ``track_started`` is on for a DedupTask
@@ -20,6 +21,7 @@ id                        problem
 ``dedup_celery.W005``     RECORD_TTL shorter than the visibility timeout or retry horizon
 ``dedup_celery.W006``     PROCESSING_TIMEOUT not above the task's hard time limit
 ``dedup_celery.W007``     the Celery app's tasks could not be inspected
+``dedup_celery.W008``     Redis may evict dedup records (``maxmemory-policy``)
 ========================  ==========================================================
 
 The checks of Celery configuration are warnings and never raise, so they cannot
@@ -30,9 +32,10 @@ output, so :func:`log_check_messages` logs them once when the worker is ready.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections import defaultdict
 from collections.abc import Iterable
+from importlib import import_module
+from importlib.util import find_spec
 from typing import Any
 
 from django.core import checks
@@ -54,9 +57,21 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     errors = validate(raw_settings())
     if errors:
         return errors
-    from dedup_celery.backends import build_backend
+    from dedup_celery.backends import build_backend, resolve_backend_path
     from dedup_celery.exceptions import DedupConfigurationError
 
+    backend_path = resolve_backend_path({**DEFAULTS, **raw_settings()}["BACKEND"])
+    if backend_path == "dedup_celery.backends.redis.RedisBackend" and not find_spec("redis"):
+        from dedup_celery.backends.redis import INSTALL_HINT
+
+        return [
+            checks.Error(
+                "DEDUP_CELERY['BACKEND'] is the redis backend, but the redis package is not "
+                "installed.",
+                hint=f"Install it with: {INSTALL_HINT}",
+                id="dedup_celery.E009",
+            )
+        ]
     try:
         build_backend()
     except DedupConfigurationError as exc:
@@ -71,6 +86,45 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     return []
 
 
+@checks.register(TAG)
+def check_backend_durability(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Warn when the Redis that holds the records may evict them.
+
+    Every dedup record has a TTL, so an evicting ``maxmemory-policy`` drops them
+    first, and a dropped record lets a duplicate run. A server that refuses
+    ``CONFIG``, or cannot be reached, gives no message here.
+    """
+    if validate(raw_settings()):
+        return []
+    from dedup_celery.backends import get_backend
+    from dedup_celery.exceptions import DedupConfigurationError, StorageError
+
+    try:
+        backend = get_backend()
+    except DedupConfigurationError:
+        return []  # check_settings reports it.
+    eviction_policy = getattr(backend, "eviction_policy", None)
+    if eviction_policy is None:
+        return []
+    try:
+        policy = eviction_policy()
+    except StorageError as exc:
+        logger.debug("dedup_celery: could not read Redis's maxmemory-policy: %s", exc)
+        return []
+    if policy in (None, "noeviction"):
+        return []
+    return [
+        checks.Warning(
+            f"The Redis that holds dedup records ({backend.describe()}) has "
+            f"maxmemory-policy {policy!r}. Every record has a TTL, so it is evicted first "
+            "when memory runs out, and an evicted record lets a duplicate run its body.",
+            hint="Set maxmemory-policy to noeviction on that server, or give dedup_celery a "
+            "Redis of its own that is configured so.",
+            id="dedup_celery.W008",
+        )
+    ]
+
+
 def _current_celery_app() -> Any:
     from celery import current_app
 
@@ -78,13 +132,20 @@ def _current_celery_app() -> Any:
 
 
 def dedup_tasks(app: Any) -> list[Any]:
-    """Return the app's DedupTask instances, importing the task modules the worker imports."""
+    """Return the app's DedupTask instances, importing the task modules the worker imports.
+
+    The modules are imported directly (each installed app's ``tasks``, and the
+    app's ``imports`` and ``include``), not through the loader's
+    ``import_default_modules()``: that sends Celery's ``import_modules`` signal,
+    whose Django fixup runs the system checks again, from inside this check.
+    """
+    from django.utils.module_loading import autodiscover_modules
+
     from dedup_celery.task import DedupTask
 
-    with warnings.catch_warnings():
-        # A project without a Celery config makes the default loader warn.
-        warnings.simplefilter("ignore")
-        app.loader.import_default_modules()
+    autodiscover_modules("tasks")
+    for module in (*(app.conf.imports or ()), *(app.conf.include or ())):
+        import_module(module)
     return [task for _, task in sorted(app.tasks.items()) if isinstance(task, DedupTask)]
 
 
