@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test demo lint tox constraints redis-server clean
+.PHONY: test demo lint tox constraints redis-server clean bench-latency
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,3 +43,6 @@ constraints: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .tox build *.egg-info artifacts example_project/var
+
+bench-latency: $(STAMP) redis-server
+	$(BIN)/python benchmarks/latency.py

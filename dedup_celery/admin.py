@@ -14,10 +14,10 @@ from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 
-from dedup_celery import signals
 from dedup_celery.backends import get_backend
 from dedup_celery.exceptions import StorageError
 from dedup_celery.models import DedupRecord
+from dedup_celery.operations import operator_release
 
 RELEASE_PERMISSION = "dedup_celery.release_deduprecord"
 
@@ -154,23 +154,14 @@ class DedupRecordAdmin(admin.ModelAdmin):
                 refused += 1
                 continue
             try:
-                ok = backend.release(
-                    record.scope, record.key_digest, shown_owner, expired_only=not force
+                ok = operator_release(
+                    backend, record.scope, record.key_digest, shown_owner, force=force
                 )
             except (StorageError, ValueError) as exc:
                 self.message_user(request, f"{record}: {exc}", messages.ERROR)
                 continue
             if ok:
                 released += 1
-                signals.message_released.send(
-                    sender=None,
-                    task_id=record.task_id,
-                    scope=record.scope,
-                    key_digest=record.key_digest,
-                    record=None,
-                    owner=shown_owner,
-                    reason="operator",
-                )
             else:
                 refused += 1
         if released:

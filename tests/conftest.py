@@ -52,8 +52,17 @@ def start_worker(django_db_setup, celery_broker, redis_url, postgres_server):
 
     started: list[Worker] = []
 
-    def start(name, *, broker_db=0, result_backend="", visibility_timeout=None, concurrency=4):
+    def start(
+        name,
+        *,
+        broker_db=0,
+        result_backend="",
+        visibility_timeout=None,
+        concurrency=4,
+        store_url="",
+    ):
         env = {
+            "DEDUP_TEST_STORE_URL": store_url,
             "DEDUP_TEST_BROKER_URL": f"{redis_url}/{broker_db}",
             "DEDUP_TEST_RESULT_BACKEND": result_backend,
             "DEDUP_TEST_PG_PORT": str(postgres_server.port),
@@ -67,6 +76,20 @@ def start_worker(django_db_setup, celery_broker, redis_url, postgres_server):
     yield start
     for worker in started:
         worker.stop()
+
+
+@pytest.fixture(scope="session")
+def stores(redis_url):
+    """The message stores the scenario workers use, as the test process reads them."""
+    from dedup_celery.backends.db import DatabaseBackend
+    from dedup_celery.backends.redis import RedisBackend
+
+    url = f"{redis_url}/7"
+    return {
+        "db": DatabaseBackend(),
+        "redis": RedisBackend(url=url, key_prefix="scenario:"),
+        "redis_url": url,
+    }
 
 
 SCENARIOS: list[dict] = []

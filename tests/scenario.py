@@ -8,8 +8,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from dedup_celery.backends.base import Record
+from dedup_celery.backends.db import DatabaseBackend
 from dedup_celery.keys import digest
-from dedup_celery.models import DedupRecord
 from tests.services import wait_for
 from tests.testapp.models import Effect
 from tests.testapp.tasks import run_log
@@ -44,9 +45,10 @@ def effects(tag: str) -> int:
     return Effect.objects.filter(tag=tag).count()
 
 
-def record(task, key: str) -> DedupRecord | None:
+def record(task, key: str, store=None) -> Record | None:
+    """The task's record for *key*, read through a backend (the db one by default)."""
     scope = task.dedup_scope or task.name
-    return DedupRecord.objects.filter(scope=scope, key_digest=digest(key)).first()
+    return (store or DatabaseBackend()).get(scope, digest(key))
 
 
 def killed(tag: str, n: int, point: str) -> bool:

@@ -56,7 +56,9 @@ def postgres_bindir() -> Path:
 class PostgresServer:
     """One PostgreSQL cluster on 127.0.0.1, in a temporary folder, for one test session."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        """Create the folder; *durable* keeps PostgreSQL's default fsync settings."""
+        self.durable = durable
         self.bindir = postgres_bindir()
         self.base = Path(tempfile.mkdtemp(prefix="dedup-celery-pg-"))
         self.data = self.base / "data"
@@ -88,11 +90,11 @@ class PostgresServer:
         )
 
     def start(self) -> None:
-        options = (
-            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.base} "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-            "-c max_connections=300"
-        )
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.base} "
+        options += "-c max_connections=300"
+        if not self.durable:
+            # Tests need no crash safety; benchmarks keep the defaults.
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run(
             "pg_ctl",
             "-D",

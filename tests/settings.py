@@ -82,3 +82,9 @@ if os.environ.get("DEDUP_TEST_VISIBILITY_TIMEOUT"):
     }
 
 DEDUP_CELERY = {"RETRY_COUNTDOWN": 1}
+if os.environ.get("DEDUP_TEST_STORE_URL"):
+    DEDUP_CELERY = {
+        "BACKEND": "redis",
+        "OPTIONS": {"url": os.environ["DEDUP_TEST_STORE_URL"], "key_prefix": "scenario:"},
+        "RETRY_COUNTDOWN": 1,
+    }

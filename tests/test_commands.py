@@ -68,3 +68,79 @@ def test_the_purge_task_for_beat():
 @pytest.mark.django_db
 def test_migrations_are_up_to_date():
     call_command("makemigrations", "dedup_celery", "--check", "--dry-run", verbosity=0)
+
+
+@pytest.fixture(params=["db", "redis"])
+def any_backend(request, settings):
+    if request.param == "redis":
+        url = f"{request.getfixturevalue('redis_url')}/6"
+        settings.DEDUP_CELERY = {
+            "BACKEND": "redis",
+            "OPTIONS": {"url": url, "key_prefix": f"cmd:{uuid.uuid4().hex[:8]}:"},
+        }
+    return get_backend()
+
+
+def claim_on(backend, key, lease):
+    made = Claim(
+        scope="cmd",
+        key=key,
+        key_digest=digest(key),
+        owner=uuid.uuid4().hex,
+        task_id=f"tid-{key}",
+        task_name="cmd",
+        attempt=0,
+        identity=current_identity(),
+        lease_seconds=lease,
+        record_ttl=60,
+    )
+    backend.claim(made)
+    return made
+
+
+@pytest.mark.django_db(transaction=True)
+def test_dedup_inspect_prints_the_record_by_key_or_digest(any_backend):
+    made = claim_on(any_backend, "order:7", 60)
+    out = io.StringIO()
+    call_command("dedup_inspect", "cmd", "order:7", stdout=out)
+    assert made.owner in out.getvalue()
+    assert "processing" in out.getvalue()
+    out = io.StringIO()
+    call_command("dedup_inspect", "cmd", made.key_digest, "--digest", stdout=out)
+    assert "tid-order:7" in out.getvalue()
+    with pytest.raises(CommandError, match="No record"):
+        call_command("dedup_inspect", "cmd", "order:8")
+    with pytest.raises(CommandError, match="64 lowercase hex"):
+        call_command("dedup_inspect", "cmd", "nothex", "--digest")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_dedup_release_spares_a_live_lease_unless_forced(any_backend):
+    made = claim_on(any_backend, "live", 60)
+    with pytest.raises(CommandError, match="lease is live"):
+        call_command("dedup_release", "cmd", "live", stdout=io.StringIO())
+    assert any_backend.get("cmd", made.key_digest) is not None
+    out = io.StringIO()
+    call_command("dedup_release", "cmd", "live", "--force", stdout=out)
+    assert "Released" in out.getvalue()
+    assert any_backend.get("cmd", made.key_digest) is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_dedup_release_of_an_expired_lease_compares_the_owner(any_backend):
+    made = claim_on(any_backend, "old", 0.2)
+    time.sleep(0.4)
+    with pytest.raises(CommandError, match="owner changed"):
+        call_command(
+            "dedup_release", "cmd", "old", "--owner", uuid.uuid4().hex, stdout=io.StringIO()
+        )
+    call_command("dedup_release", "cmd", "old", "--owner", made.owner, stdout=io.StringIO())
+    assert any_backend.get("cmd", made.key_digest) is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_dedup_release_refuses_a_consumed_record(any_backend):
+    made = claim_on(any_backend, "done", 60)
+    any_backend.complete(made, None)
+    with pytest.raises(CommandError, match="consumed, not processing"):
+        call_command("dedup_release", "cmd", "done", "--force", stdout=io.StringIO())

@@ -1,7 +1,8 @@
 """Delivery scenarios (a) to (f) with a real prefork worker, a real Redis broker and real SIGKILL.
 
-Every scenario runs three ways: the plain control task, a status-mode DedupTask and
-a transactional DedupTask, all with the same body and the same delivery settings
+Every scenario runs as the plain control task, a status-mode DedupTask on the
+database backend, a transactional DedupTask, and a status-mode DedupTask on the
+Redis backend, all with the same body and the same delivery settings
 (``acks_late``, ``reject_on_worker_lost``, no result backend). The control must
 show the fault (a duplicate, or a kill that happened); only then is "the
 DedupTask ran it once" evidence.
@@ -9,9 +10,12 @@ DedupTask ran it once" evidence.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import pytest
 
-from dedup_celery.models import DedupRecord
+from dedup_celery.backends.base import Status
 from tests.scenario import (
     effects,
     killed,
@@ -27,13 +31,63 @@ from tests.testapp.tasks import LEASE, plain_effect, status_effect, tx_effect
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
-TASKS = {"plain": plain_effect, "status": status_effect, "transactional": tx_effect}
+TASKS = {
+    "plain": plain_effect,
+    "status": status_effect,
+    "transactional": tx_effect,
+    "status-redis": status_effect,
+}
 MODES = list(TASKS)
 
 
 @pytest.fixture(scope="module")
-def worker(start_worker):
-    return start_worker("scenarios")
+def workers(start_worker, stores):
+    return {
+        "db": start_worker("scenarios"),
+        "redis": start_worker("scenarios-redis", store_url=stores["redis_url"]),
+    }
+
+
+@dataclass
+class Case:
+    """One way of running a scenario: the task, the worker that runs it, its store."""
+
+    mode: str
+    task: Any
+    worker: Any
+    store: Any
+
+    @property
+    def dedup(self) -> bool:
+        return self.mode != "plain"
+
+    def send(self, task_id, **kwargs):
+        self.task.apply_async(kwargs=kwargs, task_id=task_id, queue=self.worker.queue)
+
+    def record(self, key):
+        return record(self.task, key, self.store)
+
+    def consumed(self, key):
+        found = self.record(key)
+        return found is not None and found.status == Status.CONSUMED
+
+    def skipped(self, key, count):
+        found = self.record(key)
+        return found is not None and found.skipped >= count
+
+
+@pytest.fixture
+def make_case(workers, stores):
+    def make(mode):
+        kind = "redis" if mode.endswith("redis") else "db"
+        return Case(mode, TASKS[mode], workers[kind], stores[kind])
+
+    return make
+
+
+@pytest.fixture(params=MODES)
+def case(request, make_case):
+    return make_case(request.param)
 
 
 @pytest.fixture
@@ -41,75 +95,59 @@ def tag(request):
     return f"{request.node.originalname}-{new_id()[:8]}"
 
 
-def send(worker, task, task_id, **kwargs):
-    task.apply_async(kwargs=kwargs, task_id=task_id, queue=worker.queue)
-
-
-def consumed(task, task_id):
-    found = record(task, task_id)
-    return found is not None and found.status == DedupRecord.Status.CONSUMED
-
-
-def skipped(task, task_id, count):
-    found = record(task, task_id)
-    return found is not None and found.skipped >= count
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_a_same_message_sent_again_after_it_was_consumed(worker, mode, tag, report_scenario):
-    task, task_id = TASKS[mode], new_id()
-    send(worker, task, task_id, tag=tag, n=1)
+def test_a_same_message_sent_again_after_it_was_consumed(case, tag, report_scenario):
+    task_id = new_id()
+    case.send(task_id, tag=tag, n=1)
     wait_until(lambda: effects(tag) == 1, what="the first effect")
-    if mode != "plain":
-        wait_until(lambda: consumed(task, task_id), what="the record to be consumed")
-    send(worker, task, task_id, tag=tag, n=1)
-    if mode == "plain":
+    if case.dedup:
+        wait_until(lambda: case.consumed(task_id), what="the record to be consumed")
+    case.send(task_id, tag=tag, n=1)
+    if not case.dedup:
         wait_until(lambda: effects(tag) == 2, what="the control to duplicate")
     else:
-        wait_until(lambda: skipped(task, task_id, 1), what="the duplicate to be skipped")
+        wait_until(lambda: case.skipped(task_id, 1), what="the duplicate to be skipped")
     settle()
-    expected = 2 if mode == "plain" else 1
+    expected = 2 if not case.dedup else 1
     assert effects(tag) == expected
     assert len(starts(tag)) == expected
     report_scenario(
         {
             "scenario": "a",
-            "task": mode,
+            "task": case.mode,
             "messages": 2,
             "body runs": len(starts(tag)),
             "effects": effects(tag),
-            "duplicates": 0 if mode == "plain" else record(task, task_id).skipped,
+            "duplicates": 0 if not case.dedup else case.record(task_id).skipped,
             "lost": 0,
         }
     )
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_b_four_copies_in_flight_at_once(worker, mode, tag, report_scenario):
-    task, task_id = TASKS[mode], new_id()
+def test_b_four_copies_in_flight_at_once(case, tag, report_scenario):
+    task_id = new_id()
     for _ in range(4):
-        send(worker, task, task_id, tag=tag, n=1, sleep=2.0)
-    if mode == "plain":
+        case.send(task_id, tag=tag, n=1, sleep=2.0)
+    if not case.dedup:
         wait_until(lambda: effects(tag) == 4, what="the control to run four times")
         settle()
         assert effects(tag) == 4
         assert overlapping(runs(tag)), "the control copies did not overlap: no concurrency"
         duplicates = 0
     else:
-        wait_until(lambda: skipped(task, task_id, 3), what="three copies to be skipped")
+        wait_until(lambda: case.skipped(task_id, 3), what="three copies to be skipped")
         settle()
         assert effects(tag) == 1
         assert len(starts(tag)) == 1
         assert not overlapping(runs(tag))
-        found = record(task, task_id)
+        found = case.record(task_id)
         assert found.skipped == 3
-        reschedules = worker.log_text().count(f"[{task_id}]: duplicate of a message in flight")
+        reschedules = case.worker.log_text().count(f"[{task_id}]: duplicate of a message in flight")
         assert reschedules >= 3, "the copies were not in flight together"
         duplicates = found.skipped
     report_scenario(
         {
             "scenario": "b",
-            "task": mode,
+            "task": case.mode,
             "messages": 4,
             "body runs": len(starts(tag)),
             "effects": effects(tag),
@@ -119,56 +157,54 @@ def test_b_four_copies_in_flight_at_once(worker, mode, tag, report_scenario):
     )
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_c_child_killed_in_task_postrun_before_the_ack(worker, mode, tag, report_scenario):
-    task, task_id = TASKS[mode], new_id()
-    send(worker, task, task_id, tag=tag, n=1, kill="postrun")
-    if mode == "plain":
+def test_c_child_killed_in_task_postrun_before_the_ack(case, tag, report_scenario):
+    task_id = new_id()
+    case.send(task_id, tag=tag, n=1, kill="postrun")
+    if not case.dedup:
         wait_until(lambda: effects(tag) == 2, what="the control to run again after the kill")
     else:
-        wait_until(lambda: skipped(task, task_id, 1), what="the redelivery to be skipped")
+        wait_until(lambda: case.skipped(task_id, 1), what="the redelivery to be skipped")
     settle()
     assert killed(tag, 1, "postrun"), "the child was not killed"
-    expected = 2 if mode == "plain" else 1
+    expected = 2 if not case.dedup else 1
     assert effects(tag) == expected
     assert len(starts(tag)) == expected
     report_scenario(
         {
             "scenario": "c",
-            "task": mode,
+            "task": case.mode,
             "messages": 1,
             "body runs": len(starts(tag)),
             "effects": effects(tag),
-            "duplicates": 0 if mode == "plain" else 1,
+            "duplicates": 0 if not case.dedup else 1,
             "lost": 0,
         }
     )
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_d_child_killed_mid_body(worker, mode, tag, report_scenario):
-    task, task_id = TASKS[mode], new_id()
+def test_d_child_killed_mid_body(case, tag, report_scenario):
+    task_id = new_id()
     # Transactional and plain bodies die after writing the effect; the status-mode
     # body dies before it (after the effect it would be scenario f).
-    point = "before_effect" if mode == "status" else "after_effect"
-    send(worker, task, task_id, tag=tag, n=1, kill=point)
-    expected = 2 if mode == "plain" else 1
+    point = "before_effect" if case.mode.startswith("status") else "after_effect"
+    case.send(task_id, tag=tag, n=1, kill=point)
+    expected = 2 if not case.dedup else 1
     wait_until(lambda: effects(tag) == expected, timeout=LEASE * 5, what="the redelivery")
-    if mode != "plain":
-        wait_until(lambda: consumed(task, task_id), what="the record to be consumed")
+    if case.dedup:
+        wait_until(lambda: case.consumed(task_id), what="the record to be consumed")
     settle()
     assert killed(tag, 1, point)
     assert effects(tag) == expected
     body_runs = starts(tag)
     assert len(body_runs) == 2
-    if mode == "status":
+    if case.mode.startswith("status"):
         # The redelivery waited for the dead owner's lease, then took over.
-        assert record(task, task_id).takeovers == 1
+        assert case.record(task_id).takeovers == 1
         assert body_runs[1].at - body_runs[0].at >= LEASE - 0.5
     report_scenario(
         {
             "scenario": "d",
-            "task": mode,
+            "task": case.mode,
             "messages": 1,
             "body runs": len(body_runs),
             "effects": effects(tag),
@@ -178,24 +214,25 @@ def test_d_child_killed_mid_body(worker, mode, tag, report_scenario):
     )
 
 
-@pytest.mark.parametrize("mode", ["plain", "status"])
+@pytest.mark.parametrize("mode", ["plain", "status", "status-redis"])
 def test_f_child_killed_after_the_body_before_consumed_is_the_window(
-    worker, mode, tag, report_scenario
+    make_case, mode, tag, report_scenario
 ):
     """Status mode's documented window: the effect happens twice. This test pins it."""
-    task, task_id = TASKS[mode], new_id()
-    send(worker, task, task_id, tag=tag, n=1, kill="after_effect")
+    case = make_case(mode)
+    task_id = new_id()
+    case.send(task_id, tag=tag, n=1, kill="after_effect")
     wait_until(lambda: effects(tag) == 2, timeout=LEASE * 5, what="the second run")
-    if mode == "status":
-        wait_until(lambda: consumed(task, task_id), what="the record to be consumed")
-        assert record(task, task_id).takeovers == 1
+    if case.mode.startswith("status"):
+        wait_until(lambda: case.consumed(task_id), what="the record to be consumed")
+        assert case.record(task_id).takeovers == 1
     settle()
     assert killed(tag, 1, "after_effect")
     assert effects(tag) == 2
     report_scenario(
         {
             "scenario": "f",
-            "task": mode,
+            "task": case.mode,
             "messages": 1,
             "body runs": len(starts(tag)),
             "effects": effects(tag),
@@ -205,12 +242,13 @@ def test_f_child_killed_after_the_body_before_consumed_is_the_window(
     )
 
 
-def test_reschedules_keep_request_retries_and_the_retry_budget(worker, tag):
+def test_reschedules_keep_request_retries_and_the_retry_budget(workers, tag):
     """A rescheduled copy still has its whole max_retries budget when it finally runs."""
     from pathlib import Path
 
     from tests.testapp.tasks import retry_budget, run_log
 
+    worker = workers["db"]
     first, second = new_id(), new_id()
     retry_budget.apply_async(
         kwargs={"tag": tag, "mode": "slowfail"}, task_id=first, queue=worker.queue
@@ -222,7 +260,7 @@ def test_reschedules_keep_request_retries_and_the_retry_budget(worker, tag):
 
     def done():
         found = record(retry_budget, f"budget:{tag}")
-        return found is not None and found.status == DedupRecord.Status.CONSUMED
+        return found is not None and found.status == Status.CONSUMED
 
     wait_until(done, timeout=40, what="the second copy to succeed")
     lines = [line.split()[1:] for line in Path(run_log(tag)).read_text().splitlines()]

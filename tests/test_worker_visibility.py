@@ -13,20 +13,37 @@ from tests.testapp.tasks import plain_effect, status_effect, tx_effect
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
-TASKS = {"plain": plain_effect, "status": status_effect, "transactional": tx_effect}
+TASKS = {
+    "plain": plain_effect,
+    "status": status_effect,
+    "transactional": tx_effect,
+    "status-redis": status_effect,
+}
 BROKER_DB = 1
 COUNTDOWN = 7
 
 
 @pytest.fixture(scope="module")
-def worker(start_worker):
-    return start_worker("visibility", broker_db=BROKER_DB, visibility_timeout=2)
+def workers(start_worker, stores):
+    return {
+        "db": start_worker("visibility", broker_db=BROKER_DB, visibility_timeout=2),
+        "redis": start_worker(
+            "visibility-redis",
+            broker_db=BROKER_DB,
+            visibility_timeout=2,
+            store_url=stores["redis_url"],
+        ),
+    }
 
 
 @pytest.mark.parametrize("mode", list(TASKS))
-def test_e_countdown_longer_than_the_visibility_timeout(worker, mode, redis_url, report_scenario):
+def test_e_countdown_longer_than_the_visibility_timeout(
+    workers, stores, mode, redis_url, report_scenario
+):
     from tests.celery_app import app
 
+    kind = "redis" if mode.endswith("redis") else "db"
+    worker, store = workers[kind], stores[kind]
     task, task_id, tag = TASKS[mode], new_id(), f"e-{mode}-{new_id()[:8]}"
     with app.connection_for_write(f"{redis_url}/{BROKER_DB}") as connection:
         task.apply_async(
@@ -45,8 +62,8 @@ def test_e_countdown_longer_than_the_visibility_timeout(worker, mode, redis_url,
         wait_until(
             lambda: (
                 effects(tag) == 1
-                and (record(task, task_id) or 0)
-                and record(task, task_id).skipped >= 1
+                and record(task, task_id, store) is not None
+                and record(task, task_id, store).skipped >= 1
             ),
             timeout=COUNTDOWN * 4,
             what="the effect and a skipped redelivered copy",
@@ -54,7 +71,7 @@ def test_e_countdown_longer_than_the_visibility_timeout(worker, mode, redis_url,
         settle(3)
         assert effects(tag) == 1
         assert len(starts(tag)) == 1
-        duplicates = record(task, task_id).skipped
+        duplicates = record(task, task_id, store).skipped
     report_scenario(
         {
             "scenario": "e",

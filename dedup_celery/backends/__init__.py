@@ -12,6 +12,7 @@ from dedup_celery.exceptions import DedupConfigurationError
 
 BACKEND_ALIASES: dict[str, str] = {
     "db": "dedup_celery.backends.db.DatabaseBackend",
+    "redis": "dedup_celery.backends.redis.RedisBackend",
 }
 
 _lock = threading.Lock()
@@ -51,6 +52,8 @@ def build_backend() -> BaseBackend:
     cls = load_backend_class(conf.backend)
     try:
         return cls(database=conf.database, **conf.options)
+    except DedupConfigurationError:
+        raise
     except TypeError as exc:
         raise DedupConfigurationError(
             f"DEDUP_CELERY['OPTIONS'] does not fit {cls.__name__}: {exc}. "

@@ -1,0 +1,58 @@
+"""``manage.py dedup_release``: release a PROCESSING record, on any backend."""
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from dedup_celery.backends import get_backend
+from dedup_celery.backends.base import Status
+from dedup_celery.management.commands._records import (
+    add_record_arguments,
+    format_record,
+    key_digest_from,
+)
+from dedup_celery.operations import operator_release
+
+
+class Command(BaseCommand):
+    """Release a PROCESSING record so the message's next delivery runs the body."""
+
+    help = (
+        "Release a PROCESSING dedup_celery record. Only an expired lease unless --force; "
+        "only if the owner is still the one printed (or given with --owner). Re-sends nothing."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        """Add scope, key, --digest, --owner and --force."""
+        add_record_arguments(parser)
+        parser.add_argument(
+            "--owner",
+            help="Release only if this is still the owner token (as dedup_inspect printed it).",
+        )
+        parser.add_argument(
+            "--force",
+            action="store_true",
+            help="Also release a live lease. Only when the owner process is known to be gone.",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        """Compare-and-delete the record and say what happened."""
+        backend = get_backend()
+        scope, key_digest = options["scope"], key_digest_from(options)
+        record = backend.get(scope, key_digest)
+        if record is None:
+            raise CommandError(f"No record for that scope and key in the {backend.describe()}.")
+        self.stdout.write(format_record(record))
+        if record.status != Status.PROCESSING:
+            raise CommandError(f"The record is {record.status}, not processing: not released.")
+        owner = options["owner"] or record.owner
+        if not operator_release(backend, scope, key_digest, owner, force=options["force"]):
+            reason = (
+                "its lease is live (use --force only if the owner is gone)"
+                if record.lease_expired is False and not options["force"]
+                else "its owner changed"
+            )
+            raise CommandError(f"Not released: {reason}.")
+        self.stdout.write(
+            "Released. Nothing was re-sent: the next delivery of the message runs the body."
+        )

@@ -1,0 +1,317 @@
+"""The backend contract, built from the status-mode transition table, run on every backend.
+
+Variants: the database backend on PostgreSQL and on SQLite, each with its
+one-statement upsert and with the portable insert-then-update path that MySQL
+uses, and the Redis backend on a real redis-server. Only the public backend API
+is used, so every variant answers to the same assertions.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import threading
+import time
+import uuid
+
+import pytest
+from django.db import connections
+
+from dedup_celery.backends.base import Claim, Status, Verdict
+from dedup_celery.backends.db import DatabaseBackend
+from dedup_celery.backends.redis import RedisBackend
+from dedup_celery.identity import current_identity
+from dedup_celery.keys import digest
+
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "sqlite"])
+
+DB_VARIANTS = {
+    "db-postgresql": ("default", False),
+    "db-sqlite": ("sqlite", False),
+    "db-portable-postgresql": ("default", True),
+    "db-portable-sqlite": ("sqlite", True),
+}
+VARIANTS = [*DB_VARIANTS, "redis"]
+SCOPE = "scope-a"
+
+
+@pytest.fixture(params=VARIANTS)
+def backend(request):
+    if request.param == "redis":
+        redis_url = request.getfixturevalue("redis_url")
+        instance = RedisBackend(url=f"{redis_url}/3", key_prefix=f"test:{uuid.uuid4().hex}:")
+        yield instance
+        for key in instance.client.scan_iter(match=f"{instance.key_prefix}*"):
+            instance.client.delete(key)
+        return
+    alias, portable = DB_VARIANTS[request.param]
+    instance = DatabaseBackend(database=alias)
+    instance._force_generic = portable
+    yield instance
+
+
+def make_claim(key="k-1", *, scope=SCOPE, lease=60.0, ttl=3600.0, task_id=None, owner=None):
+    return Claim(
+        scope=scope,
+        key=key,
+        key_digest=digest(key),
+        owner=owner or uuid.uuid4().hex,
+        task_id=task_id or str(uuid.uuid4()),
+        task_name="tests.task",
+        attempt=0,
+        identity=current_identity(),
+        lease_seconds=lease,
+        record_ttl=ttl,
+    )
+
+
+def store_now(backend):
+    """The store's own clock (SQLite's clock is this machine's)."""
+    if isinstance(backend, RedisBackend):
+        seconds, micros = backend.client.time()
+        return datetime.datetime.fromtimestamp(seconds + micros / 1e6, tz=datetime.timezone.utc)
+    connection = connections[backend.alias]
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT STATEMENT_TIMESTAMP()")
+            return cursor.fetchone()[0]
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def get(backend, key, scope=SCOPE):
+    return backend.get(scope, digest(key))
+
+
+def test_claim_on_no_record_creates_processing_with_a_lease_from_the_store_clock(backend):
+    claim = make_claim(lease=60)
+    before = store_now(backend)
+    outcome = backend.claim(claim)
+    assert outcome.verdict is Verdict.CLAIMED
+    record = outcome.record
+    assert (record.owner, record.status, record.task_id) == (
+        claim.owner,
+        Status.PROCESSING,
+        claim.task_id,
+    )
+    assert (record.skipped, record.rescheduled, record.takeovers) == (0, 0, 0)
+    assert 59 <= (record.expires_at - before).total_seconds() <= 62
+    stored = get(backend, "k-1")
+    assert (stored.hostname, stored.pid, stored.boot_id) == (
+        current_identity().hostname,
+        current_identity().pid,
+        current_identity().boot_id,
+    )
+    assert stored.process_start == current_identity().process_start
+    assert stored.lease_expired is False
+
+
+def test_claim_of_a_live_processing_record_counts_a_rescheduled_duplicate(backend):
+    first = make_claim()
+    backend.claim(first)
+    outcome = backend.claim(make_claim(task_id=first.task_id))
+    assert outcome.verdict is Verdict.IN_FLIGHT
+    assert outcome.record.owner == first.owner
+    assert (outcome.record.rescheduled, outcome.record.skipped) == (1, 0)
+    assert outcome.record.last_duplicate_at is not None
+    assert backend.claim(make_claim()).record.rescheduled == 2
+
+
+def test_complete_by_the_owner_marks_consumed_and_stores_the_result(backend):
+    claim = make_claim(ttl=3600)
+    backend.claim(claim)
+    before = store_now(backend)
+    assert backend.complete(claim, {"value": [1, "two"]}) is True
+    stored = get(backend, "k-1")
+    assert stored.status == Status.CONSUMED
+    assert stored.result == {"value": [1, "two"]}
+    assert stored.consumed_at is not None
+    assert 3590 <= (stored.expires_at - before).total_seconds() <= 3610
+
+
+def test_claim_of_a_consumed_record_counts_a_skipped_duplicate(backend):
+    claim = make_claim()
+    backend.claim(claim)
+    backend.complete(claim, None)
+    outcome = backend.claim(make_claim(task_id=claim.task_id))
+    assert outcome.verdict is Verdict.CONSUMED
+    assert outcome.record.task_id == claim.task_id
+    assert (outcome.record.skipped, outcome.record.rescheduled) == (1, 0)
+
+
+def test_complete_and_release_by_a_stale_owner_change_nothing(backend):
+    claim = make_claim()
+    backend.claim(claim)
+    stale = make_claim()
+    assert backend.complete(stale, {"value": 1}) is False
+    assert backend.release(SCOPE, claim.key_digest, stale.owner, expired_only=False) is False
+    stored = get(backend, "k-1")
+    assert (stored.status, stored.owner, stored.result) == (Status.PROCESSING, claim.owner, None)
+
+
+def test_release_by_the_owner_deletes_the_processing_record(backend):
+    claim = make_claim()
+    backend.claim(claim)
+    assert backend.release(SCOPE, claim.key_digest, claim.owner, expired_only=False)
+    assert get(backend, "k-1") is None
+    assert backend.claim(make_claim()).verdict is Verdict.CLAIMED
+
+
+def test_release_never_deletes_a_consumed_record(backend):
+    claim = make_claim()
+    backend.claim(claim)
+    backend.complete(claim, None)
+    assert not backend.release(SCOPE, claim.key_digest, claim.owner, expired_only=False)
+    assert get(backend, "k-1").status == Status.CONSUMED
+
+
+def test_an_expired_only_release_spares_a_live_lease(backend):
+    claim = make_claim(lease=0.5)
+    backend.claim(claim)
+    assert not backend.release(SCOPE, claim.key_digest, claim.owner, expired_only=True)
+    time.sleep(0.7)
+    assert backend.release(SCOPE, claim.key_digest, claim.owner, expired_only=True)
+
+
+def test_an_expired_lease_is_taken_over_and_the_old_owner_loses_it(backend):
+    old = make_claim(lease=0.3)
+    backend.claim(old)
+    time.sleep(0.5)
+    assert get(backend, "k-1").lease_expired is True
+    new = make_claim(lease=60)
+    outcome = backend.claim(new)
+    assert outcome.verdict is Verdict.TAKEN_OVER
+    assert (outcome.record.owner, outcome.record.takeovers) == (new.owner, 1)
+    assert outcome.record.rescheduled == 0
+    assert backend.complete(old, {"value": "late"}) is False
+    assert not backend.release(SCOPE, old.key_digest, old.owner, expired_only=False)
+    assert get(backend, "k-1").owner == new.owner
+    assert backend.complete(new, None) is True
+
+
+def test_a_late_complete_after_the_lease_with_no_takeover_succeeds(backend):
+    claim = make_claim(lease=0.3)
+    backend.claim(claim)
+    time.sleep(0.5)
+    assert backend.complete(claim, None) is True
+    assert get(backend, "k-1").status == Status.CONSUMED
+
+
+def test_a_late_complete_recreates_a_purged_record(backend):
+    claim = make_claim(lease=0.2)
+    backend.claim(claim)
+    time.sleep(0.4)
+    assert backend.purge_expired() == 1
+    assert get(backend, "k-1") is None
+    assert backend.complete(claim, {"value": 3}) is True
+    stored = get(backend, "k-1")
+    assert (stored.status, stored.owner, stored.result) == (
+        Status.CONSUMED,
+        claim.owner,
+        {"value": 3},
+    )
+    assert backend.claim(make_claim()).verdict is Verdict.CONSUMED
+
+
+def test_a_consumed_record_blocks_duplicates_until_record_ttl(backend):
+    claim = make_claim(ttl=0.4)
+    backend.claim(claim)
+    backend.complete(claim, None)
+    assert backend.claim(make_claim()).verdict is Verdict.CONSUMED
+    time.sleep(0.6)
+    outcome = backend.claim(make_claim())
+    assert outcome.verdict.claimed
+    assert outcome.record.status == Status.PROCESSING
+
+
+def test_a_retried_claim_with_the_same_owner_is_still_its_own(backend):
+    claim = make_claim()
+    backend.claim(claim)
+    outcome = backend.claim(claim)
+    assert outcome.verdict is Verdict.CLAIMED
+    assert outcome.record.rescheduled == 0
+
+
+def test_scopes_and_keys_that_differ_only_slightly_are_independent(backend):
+    keys = ["Order-1", "order-1", "order-1 ", "order-1\x00", "order-1" + "x" * 10_000, "ö\u200b"]
+    for key in keys:
+        assert backend.claim(make_claim(key)).verdict is Verdict.CLAIMED
+    assert backend.claim(make_claim("order-1", scope="scope-b")).verdict is Verdict.CLAIMED
+    assert backend.claim(make_claim("order-1", scope="Scope-a")).verdict is Verdict.CLAIMED
+    for key in keys:
+        assert get(backend, key).key_digest == digest(key)
+    assert len(get(backend, "order-1" + "x" * 10_000).key) == 255
+    assert get(backend, "order-1\x00").key == "order-1\\x00"
+
+
+def test_purge_deletes_only_expired_records(backend):
+    backend.claim(make_claim("live", lease=60))
+    done = make_claim("consumed-live", lease=60)
+    backend.claim(done)
+    backend.complete(done, None)
+    for i in range(5):
+        backend.claim(make_claim(f"old-{i}", lease=0.2))
+    time.sleep(0.4)
+    assert backend.purge_expired(dry_run=True) == 5
+    assert get(backend, "old-0") is not None
+    assert backend.purge_expired(batch_size=2) == 5
+    assert [get(backend, f"old-{i}") for i in range(5)] == [None] * 5
+    assert get(backend, "live") is not None
+    assert get(backend, "consumed-live") is not None
+    assert backend.purge_expired() == 0
+
+
+def test_claim_race_among_threads_has_exactly_one_winner(backend):
+    threads = 16
+    barrier = threading.Barrier(threads)
+    verdicts: list[Verdict] = []
+    errors: list[BaseException] = []
+
+    def contender():
+        try:
+            barrier.wait()
+            verdicts.append(backend.claim(make_claim("race")).verdict)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    workers = [threading.Thread(target=contender) for _ in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    assert errors == []
+    assert verdicts.count(Verdict.CLAIMED) == 1
+    assert verdicts.count(Verdict.IN_FLIGHT) == threads - 1
+    assert get(backend, "race").rescheduled == threads - 1
+
+
+def _claim_in_child(backend, start, results):
+    connections.close_all()  # never share the parent's socket
+    start.wait(30)
+    try:
+        results.put(backend.claim(make_claim("race")).verdict.value)
+    except BaseException as exc:
+        results.put(repr(exc))
+    finally:
+        connections.close_all()
+
+
+def test_claim_race_among_processes_has_exactly_one_winner(backend):
+    processes = 8
+    context = multiprocessing.get_context("fork")
+    start = context.Event()
+    results = context.Queue()
+    connections.close_all()
+    children = [
+        context.Process(target=_claim_in_child, args=(backend, start, results))
+        for _ in range(processes)
+    ]
+    for child in children:
+        child.start()
+    start.set()
+    verdicts = sorted(results.get(timeout=60) for _ in children)
+    for child in children:
+        child.join(30)
+    assert verdicts == ["claimed"] + ["in_flight"] * (processes - 1)
+    assert get(backend, "race").rescheduled == processes - 1
