@@ -122,9 +122,24 @@ def unreachable_database(django_db_blocker):
         django_db_blocker.restore()
 
 
+@pytest.fixture
+def unreachable_redis():
+    """The redis backend pointed at a port where nothing listens."""
+    with override_settings(
+        DEDUP_CELERY={
+            "BACKEND": "redis",
+            "OPTIONS": {"url": "redis://127.0.0.1:1/0"},
+            "RETRY_COUNTDOWN": 1,
+        }
+    ):
+        yield
+
+
+@pytest.mark.parametrize("unreachable_store", ["unreachable_database", "unreachable_redis"])
 def test_storage_failure_during_the_claim_reschedules_without_running_the_body(
-    unreachable_database, celery_broker, caplog
+    request, unreachable_store, celery_broker, caplog
 ):
+    request.getfixturevalue(unreachable_store)
     task_id = str(uuid.uuid4())
     trace = run_as_worker(reschedulable, task_id, [1], {}, queue="q-unit-storage")
     assert trace.info.state == "IGNORED"
