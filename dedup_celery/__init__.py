@@ -16,6 +16,7 @@ from dedup_celery.exceptions import (
     DedupKeyError,
     DuplicateInFlightError,
     OuterTransactionError,
+    PoisonMessageError,
     StorageError,
 )
 from dedup_celery.task import DedupTask
@@ -30,6 +31,7 @@ __all__ = [
     "DedupTask",
     "DuplicateInFlightError",
     "OuterTransactionError",
+    "PoisonMessageError",
     "StorageError",
     "get_backend",
 ]

@@ -129,7 +129,9 @@ class DedupRecordAdmin(admin.ModelAdmin):
         """Only users with ``dedup_celery.release_deduprecord`` may release."""
         return request.user.has_perm(RELEASE_PERMISSION)
 
-    @admin.action(description=_("Release selected processing records"), permissions=["release"])
+    @admin.action(
+        description=_("Release selected processing or poisoned records"), permissions=["release"]
+    )
     def release_records(self, request: HttpRequest, queryset: QuerySet[DedupRecord]) -> Any:
         """Ask for confirmation, then compare-and-delete each record against the shown owner."""
         records = list(queryset.order_by("pk"))
@@ -140,6 +142,7 @@ class DedupRecordAdmin(admin.ModelAdmin):
                 "opts": self.model._meta,
                 "records": records,
                 "processing": DedupRecord.Status.PROCESSING,
+                "poisoned": DedupRecord.Status.POISONED,
                 "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
             }
             return TemplateResponse(
@@ -150,7 +153,8 @@ class DedupRecordAdmin(admin.ModelAdmin):
         released = refused = 0
         for record in records:
             shown_owner = request.POST.get(f"owner-{record.pk}", "")
-            if record.status != DedupRecord.Status.PROCESSING or not shown_owner:
+            releasable = (DedupRecord.Status.PROCESSING, DedupRecord.Status.POISONED)
+            if record.status not in releasable or not shown_owner:
                 refused += 1
                 continue
             try:

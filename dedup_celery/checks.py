@@ -22,6 +22,7 @@ id                        problem
 ``dedup_celery.W006``     PROCESSING_TIMEOUT not above the task's hard time limit
 ``dedup_celery.W007``     the Celery app's tasks could not be inspected
 ``dedup_celery.W008``     Redis may evict dedup records (``maxmemory-policy``)
+``dedup_celery.W009``     the heartbeat interval is not below half the lease
 ========================  ==========================================================
 
 The checks of Celery configuration are warnings and never raise, so they cannot
@@ -171,6 +172,16 @@ def _retry_horizon(task: Any) -> float | None:
     return float(max_retries) * float(delay)
 
 
+def _heartbeat(task: Any) -> float | None:
+    from dedup_celery.task import USE_SETTING
+
+    value = task.dedup_heartbeat_interval
+    if value is USE_SETTING:
+        raw = raw_settings()
+        value = ({**DEFAULTS, **raw} if isinstance(raw, dict) else DEFAULTS)["HEARTBEAT_INTERVAL"]
+    return None if value is None else float(value)
+
+
 def _effective(task: Any, option: str, setting: str) -> float:
     value = getattr(task, option)
     if value is not None:
@@ -278,8 +289,21 @@ def _task_messages(app: Any, tasks: Iterable[Any]) -> Iterable[checks.CheckMessa
                 obj=task.name,
                 id="dedup_celery.W005",
             )
+        heartbeat = _heartbeat(task)
+        if heartbeat is not None and heartbeat * 2 > processing_timeout:
+            yield checks.Warning(
+                f"Task {task.name!r}: the heartbeat interval ({heartbeat:g} s) is not below "
+                f"half of PROCESSING_TIMEOUT ({processing_timeout:g} s); one late renewal "
+                "loses the lease.",
+                hint="Lower HEARTBEAT_INTERVAL (or dedup_heartbeat_interval) to a third of the "
+                "lease or less.",
+                obj=task.name,
+                id="dedup_celery.W009",
+            )
         time_limit = task.time_limit or app.conf.task_time_limit
-        if time_limit and processing_timeout <= float(time_limit):
+        # With a heartbeat the lease follows the body, so only without one must
+        # the lease outlast the longest possible run.
+        if heartbeat is None and time_limit and processing_timeout <= float(time_limit):
             yield checks.Warning(
                 f"Task {task.name!r}: PROCESSING_TIMEOUT ({processing_timeout:g} s) is not "
                 f"above its hard time limit ({float(time_limit):g} s); a body still running "

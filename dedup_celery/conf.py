@@ -28,6 +28,8 @@ DEFAULTS: dict[str, Any] = {
     "RETRY_COUNTDOWN": 5,
     "RECORD_TTL": 7 * 24 * 3600,
     "RESULT_MAX_BYTES": 65536,
+    "HEARTBEAT_INTERVAL": None,
+    "MAX_TAKEOVERS": 5,
 }
 
 # Keys whose value is a number of seconds that must be greater than zero.
@@ -45,6 +47,8 @@ class DedupSettings:
     retry_countdown: float
     record_ttl: float
     result_max_bytes: int
+    heartbeat_interval: float | None
+    max_takeovers: int
 
 
 _cached: DedupSettings | None = None
@@ -107,6 +111,14 @@ def validate(raw: Any) -> list[checks.CheckMessage]:
     for key in _POSITIVE_SECONDS:
         if not is_seconds(merged[key]):
             bad(key, "a number of seconds greater than zero")
+    heartbeat = merged["HEARTBEAT_INTERVAL"]
+    if heartbeat is not None and not is_seconds(heartbeat):
+        bad(
+            "HEARTBEAT_INTERVAL", "None (no lease renewal) or a number of seconds greater than zero"
+        )
+    max_takeovers = merged["MAX_TAKEOVERS"]
+    if not isinstance(max_takeovers, int) or isinstance(max_takeovers, bool) or max_takeovers < 1:
+        bad("MAX_TAKEOVERS", "an integer, 1 or more")
     max_bytes = merged["RESULT_MAX_BYTES"]
     if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
         bad("RESULT_MAX_BYTES", "an integer number of bytes, 0 or more (0 stores no results)")
@@ -147,6 +159,12 @@ def get_settings() -> DedupSettings:
             retry_countdown=float(merged["RETRY_COUNTDOWN"]),
             record_ttl=float(merged["RECORD_TTL"]),
             result_max_bytes=int(merged["RESULT_MAX_BYTES"]),
+            heartbeat_interval=(
+                None
+                if merged["HEARTBEAT_INTERVAL"] is None
+                else float(merged["HEARTBEAT_INTERVAL"])
+            ),
+            max_takeovers=int(merged["MAX_TAKEOVERS"]),
         )
     return _cached
 

@@ -29,6 +29,15 @@ class OuterTransactionError(DedupError):
     """
 
 
+class PoisonMessageError(DedupError):
+    """The message's deliveries kept dying in the body; it will not run again by itself.
+
+    Raised by every delivery that meets a POISONED record, so each one shows up
+    as a failure. An operator releases the record (admin action or
+    ``dedup_release``) once the cause is fixed.
+    """
+
+
 class StorageError(DedupError):
     """The message store could not be reached or refused a statement."""
 

@@ -11,7 +11,9 @@ from django.dispatch import Signal
 
 #: A delivery claimed its message and is about to run the body.
 message_claimed = Signal()
-#: A duplicate of a consumed message was skipped (the body did not run).
+#: A duplicate was skipped (the body did not run). Adds ``reason``: ``"consumed"``
+#: for a copy of a consumed message, ``"stale"`` for a copy of a delivery whose
+#: body already raised.
 duplicate_skipped = Signal()
 #: A duplicate of a message still in flight was rescheduled. Adds ``countdown``.
 duplicate_rescheduled = Signal()
@@ -20,7 +22,11 @@ claim_taken_over = Signal()
 #: The body finished, but another owner holds the record: the effect may have
 #: happened twice. Adds ``owner`` (ours) and ``current_owner`` (theirs, or None).
 lease_lost = Signal()
-#: A PROCESSING record was deleted so the message can run again. Adds
-#: ``owner`` and ``reason`` (``"failed"`` after the body raised, ``"operator"``
-#: for the admin action or ``dedup_release``).
+#: A record was released so the message can run again. Adds ``owner`` and
+#: ``reason``: ``"failed"`` (the body raised; the record is now FAILED),
+#: ``"requeued"`` (the body raised ``Reject(requeue=True)``; the record is gone),
+#: or ``"operator"`` (the admin action or ``dedup_release``; sender is None).
 message_released = Signal()
+#: Deliveries of a message kept dying in the body and MAX_TAKEOVERS was reached:
+#: the record is now POISONED.
+message_poisoned = Signal()

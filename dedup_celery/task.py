@@ -27,17 +27,26 @@ from dedup_celery.exceptions import (
     DedupKeyError,
     DuplicateInFlightError,
     OuterTransactionError,
+    PoisonMessageError,
     StorageError,
 )
 from dedup_celery.identity import current_identity
 from dedup_celery.keys import digest
+from dedup_celery.recovery import (
+    Heartbeat,
+    earlier_attempt_is_over,
+    owner_is_gone,
+    retry_in_background,
+    running_body,
+)
 
 logger = logging.getLogger(__name__)
 
 # Pauses between attempts to mark a record CONSUMED after the body succeeded.
 COMPLETE_RETRY_DELAYS = (0.1, 0.5, 1.0)
-# How long a release after a failed body keeps retrying a store that is down.
-RELEASE_RETRY_SECONDS = 10.0
+# How long a release after a failed body keeps retrying a store that is down
+# before it hands the retries to a background thread.
+RELEASE_RETRY_SECONDS = 2.0
 
 _TIMEOUT_OPTIONS = ("dedup_processing_timeout", "dedup_retry_countdown", "dedup_record_ttl")
 
@@ -53,6 +62,19 @@ class _Options:
     retry_countdown: float
     record_ttl: float
     result_max_bytes: int
+    heartbeat_interval: float | None
+    max_takeovers: int
+
+
+class _UseSetting:
+    """The default of ``dedup_heartbeat_interval``: follow ``HEARTBEAT_INTERVAL``."""
+
+    def __repr__(self) -> str:
+        return "USE_SETTING"
+
+
+#: ``dedup_heartbeat_interval`` left at this follows the ``HEARTBEAT_INTERVAL`` setting.
+USE_SETTING: Any = _UseSetting()
 
 
 def task_key_function(task: Any) -> Callable[..., Any] | None:
@@ -89,6 +111,12 @@ def task_option_errors(task: Any) -> list[str]:
         value = getattr(task, name)
         if value is not None and not is_seconds(value):
             problems.append(f"{name} is {value!r}; it must be None or seconds greater than zero")
+    heartbeat = getattr(task, "dedup_heartbeat_interval", USE_SETTING)
+    if heartbeat is not USE_SETTING and heartbeat is not None and not is_seconds(heartbeat):
+        problems.append(
+            f"dedup_heartbeat_interval is {heartbeat!r}; it must be None (off) or seconds "
+            "greater than zero"
+        )
     return problems
 
 
@@ -106,6 +134,9 @@ class DedupTask(DjangoTask):
     * ``dedup_scope``: records are unique per scope; defaults to the task name.
     * ``dedup_processing_timeout``, ``dedup_retry_countdown``,
       ``dedup_record_ttl``: per-task overrides of the settings of the same name.
+    * ``dedup_heartbeat_interval``: renew the lease this often while the body
+      runs; None turns renewal off for this task; left alone, it follows
+      ``HEARTBEAT_INTERVAL``.
 
     While the body runs, ``self.request.dedup_owner`` holds this delivery's
     owner token (None when the call runs without dedup), so the body can make its
@@ -123,6 +154,11 @@ class DedupTask(DjangoTask):
     dedup_processing_timeout: ClassVar[float | None] = None
     dedup_retry_countdown: ClassVar[float | None] = None
     dedup_record_ttl: ClassVar[float | None] = None
+    dedup_heartbeat_interval: ClassVar[float | None] = USE_SETTING
+
+    #: The worker-side request: when a child dies mid-task, the worker's main
+    #: process ends that child's lease so the redelivery runs at once.
+    Request: ClassVar[str] = "dedup_celery.request:DedupRequest"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the body at most once per message key (see the class docstring)."""
@@ -152,6 +188,7 @@ class DedupTask(DjangoTask):
             identity=current_identity(),
             lease_seconds=options.processing_timeout,
             record_ttl=options.record_ttl,
+            max_takeovers=options.max_takeovers,
         )
         backend = get_backend()
         if options.transactional:
@@ -180,6 +217,12 @@ class DedupTask(DjangoTask):
             retry_countdown=pick("dedup_retry_countdown", conf.retry_countdown),
             record_ttl=pick("dedup_record_ttl", conf.record_ttl),
             result_max_bytes=conf.result_max_bytes,
+            heartbeat_interval=(
+                conf.heartbeat_interval
+                if self.dedup_heartbeat_interval is USE_SETTING
+                else self.dedup_heartbeat_interval
+            ),
+            max_takeovers=conf.max_takeovers,
         )
 
     def _dedup_key_for(self, options: _Options, args: tuple, kwargs: dict) -> str | None:
@@ -215,22 +258,84 @@ class DedupTask(DjangoTask):
     ) -> Any:
         try:
             outcome = backend.claim(claim)
+            if outcome.verdict is Verdict.IN_FLIGHT and self._owner_gone(outcome.record):
+                # The owner died or this process's earlier attempt is over: end
+                # its lease and claim again (that counts as a takeover).
+                backend.expire_lease(claim.scope, claim.key_digest, outcome.record.owner)
+                outcome = backend.claim(claim)
         except StorageError as exc:
             self._storage_unavailable(claim, options, exc, "claim")
         if not outcome.verdict.claimed:
             return self._duplicate(claim, options, outcome)
         self._claimed(claim, outcome)
+        heartbeat = self._start_heartbeat(backend, claim, options)
         try:
-            retval = self.run(*args, **kwargs)
+            with running_body():
+                retval = self.run(*args, **kwargs)
         except Ignore:
             # self.replace() and bodies that ignore their message: the message is handled.
+            self._stop_heartbeat(heartbeat)
             self._complete(backend, claim, None)
             raise
-        except BaseException:
-            self._release_after_failure(backend, claim)
+        except Reject as exc:
+            self._stop_heartbeat(heartbeat)
+            if exc.requeue:
+                # The same message comes back and must run again.
+                self._after_failure(backend, claim, requeued=True)
+            else:
+                self._after_failure(backend, claim, requeued=False)
             raise
+        except BaseException:
+            self._stop_heartbeat(heartbeat)
+            self._after_failure(backend, claim, requeued=False)
+            raise
+        self._stop_heartbeat(heartbeat)
         self._complete(backend, claim, self._storable_result(claim, options, retval))
         return retval
+
+    def _owner_gone(self, record: Record | None) -> bool:
+        if record is None or record.owner is None:
+            return False
+        if owner_is_gone(record):
+            logger.warning(
+                "%s: the process holding %s (pid %s on %s) is gone; its lease ends now",
+                self.name,
+                record.task_id,
+                record.pid,
+                record.hostname,
+            )
+            return True
+        if earlier_attempt_is_over(record):
+            logger.info(
+                "%s: this process's earlier attempt of %s is over; its lease ends now",
+                self.name,
+                record.task_id,
+            )
+            return True
+        return False
+
+    def _start_heartbeat(
+        self, backend: BaseBackend, claim: Claim, options: _Options
+    ) -> Heartbeat | None:
+        if options.heartbeat_interval is None:
+            return None
+        request = self.request
+        time_limit = (request.timelimit or (None, None))[0] if request.timelimit else None
+        time_limit = time_limit or self.time_limit or self.app.conf.task_time_limit
+        heartbeat = Heartbeat(
+            backend,
+            claim,
+            options.heartbeat_interval,
+            float(time_limit) if time_limit else None,
+            f"{self.name}[{claim.task_id}]",
+        )
+        heartbeat.start()
+        return heartbeat
+
+    @staticmethod
+    def _stop_heartbeat(heartbeat: Heartbeat | None) -> None:
+        if heartbeat is not None:
+            heartbeat.stop()
 
     def _complete(self, backend: BaseBackend, claim: Claim, stored: Any) -> None:
         completed: bool | None = None
@@ -278,39 +383,63 @@ class DedupTask(DjangoTask):
             signals.lease_lost, claim, current, owner=claim.owner, current_owner=current_owner
         )
 
-    def _release_after_failure(self, backend: BaseBackend, claim: Claim) -> None:
+    def _after_failure(self, backend: BaseBackend, claim: Claim, *, requeued: bool) -> None:
+        """Let the message run again after the body raised.
+
+        A requeued message (``Reject(requeue=True)``) is the same delivery
+        coming back, so its record is deleted. Otherwise the record becomes
+        FAILED: a retry (a higher attempt) or another task id claims it, while a
+        stale copy of this delivery (same task id and attempt) is skipped. If the
+        store is down, the write is retried briefly here, then in the
+        background until the lease would have ended.
+        """
+        if requeued:
+
+            def write() -> bool:
+                return backend.release(
+                    claim.scope, claim.key_digest, claim.owner, expired_only=False
+                )
+        else:
+
+            def write() -> bool:
+                return backend.fail(claim)
+
+        label = f"{self.name}[{claim.task_id}]: {'release' if requeued else 'fail'}"
         deadline = time.monotonic() + RELEASE_RETRY_SECONDS
         delay = 0.1
         while True:
             try:
-                released = backend.release(
-                    claim.scope, claim.key_digest, claim.owner, expired_only=False
-                )
+                done = write()
                 break
             except StorageError as exc:
                 if time.monotonic() + delay > deadline:
                     logger.error(
-                        "%s[%s]: the body failed and the record (scope %s, key digest %s) "
-                        "could not be released for %.0f s: %s. A new delivery of this message "
-                        "waits until the lease ends.",
-                        self.name,
-                        claim.task_id,
+                        "%s: the body raised and the record (scope %s, key digest %s) could not "
+                        "be updated for %.0f s: %s. Retrying in the background; until then a "
+                        "new delivery of this message waits for the lease.",
+                        label,
                         claim.scope,
                         claim.key_digest,
                         RELEASE_RETRY_SECONDS,
                         exc,
                     )
+                    retry_in_background(write, label=label, until=claim.lease_seconds)
                     return
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        if released:
-            self._send(signals.message_released, claim, None, owner=claim.owner, reason="failed")
+        if done:
+            self._send(
+                signals.message_released,
+                claim,
+                None,
+                owner=claim.owner,
+                reason="requeued" if requeued else "failed",
+            )
         else:
             logger.warning(
-                "%s[%s]: the body failed and the record (scope %s, key digest %s) was not "
-                "released: owner %s no longer holds it.",
-                self.name,
-                claim.task_id,
+                "%s: the body raised and the record (scope %s, key digest %s) was left alone: "
+                "owner %s no longer holds it.",
+                label,
                 claim.scope,
                 claim.key_digest,
                 claim.owner,
@@ -403,11 +532,46 @@ class DedupTask(DjangoTask):
                 record.task_id,
                 record.skipped,
             )
-            self._send(signals.duplicate_skipped, claim, record)
+            self._send(signals.duplicate_skipped, claim, record, reason="consumed")
             if record.task_id == claim.task_id:
                 # A redelivery of the consuming message: leave its stored state alone.
                 raise Ignore()
             return self._original_result(claim, record)
+        if outcome.verdict is Verdict.STALE:
+            assert record is not None
+            logger.info(
+                "%s[%s]: stale copy skipped; this delivery (attempt %d) already ran and raised "
+                "(scope %s, key digest %s, recorded attempt %d). A retry, or a new task id, "
+                "runs it again.",
+                self.name,
+                claim.task_id,
+                claim.attempt,
+                claim.scope,
+                claim.key_digest,
+                record.attempt,
+            )
+            self._send(signals.duplicate_skipped, claim, record, reason="stale")
+            raise Ignore()
+        if outcome.verdict is Verdict.POISONED:
+            assert record is not None
+            if outcome.poisoned_now:
+                logger.error(
+                    "%s[%s]: POISON MESSAGE. Its deliveries died %d times while running the "
+                    "body (scope %s, key digest %s); the record is now POISONED and the body "
+                    "will not run again until an operator releases it (admin action or "
+                    "dedup_release) or RECORD_TTL passes.",
+                    self.name,
+                    claim.task_id,
+                    record.takeovers + 1,
+                    claim.scope,
+                    claim.key_digest,
+                )
+                self._send(signals.message_poisoned, claim, record)
+            raise PoisonMessageError(
+                f"{self.name}[{claim.task_id}]: the message (scope {claim.scope}, key digest "
+                f"{claim.key_digest}) is POISONED after {record.takeovers} takeovers; its body "
+                "does not run until an operator releases the record."
+            )
         if self.request.is_eager:
             raise DuplicateInFlightError(
                 f"{self.name}[{claim.task_id}]: a copy of this message (scope {claim.scope}, "

@@ -8,6 +8,7 @@ is used, so every variant answers to the same assertions.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import multiprocessing
 import threading
@@ -17,7 +18,7 @@ import uuid
 import pytest
 from django.db import connections
 
-from dedup_celery.backends.base import Claim, Status, Verdict
+from dedup_celery.backends.base import Claim, OwnerIdentity, Status, Verdict
 from dedup_celery.backends.db import DatabaseBackend
 from dedup_celery.backends.redis import RedisBackend
 from dedup_celery.identity import current_identity
@@ -50,7 +51,18 @@ def backend(request):
     yield instance
 
 
-def make_claim(key="k-1", *, scope=SCOPE, lease=60.0, ttl=3600.0, task_id=None, owner=None):
+def make_claim(
+    key="k-1",
+    *,
+    scope=SCOPE,
+    lease=60.0,
+    ttl=3600.0,
+    task_id=None,
+    owner=None,
+    attempt=0,
+    cap=5,
+    identity=None,
+):
     return Claim(
         scope=scope,
         key=key,
@@ -58,10 +70,11 @@ def make_claim(key="k-1", *, scope=SCOPE, lease=60.0, ttl=3600.0, task_id=None, 
         owner=owner or uuid.uuid4().hex,
         task_id=task_id or str(uuid.uuid4()),
         task_name="tests.task",
-        attempt=0,
-        identity=current_identity(),
+        attempt=attempt,
+        identity=identity or current_identity(),
         lease_seconds=lease,
         record_ttl=ttl,
+        max_takeovers=cap,
     )
 
 
@@ -315,3 +328,113 @@ def test_claim_race_among_processes_has_exactly_one_winner(backend):
         child.join(30)
     assert verdicts == ["claimed"] + ["in_flight"] * (processes - 1)
     assert get(backend, "race").rescheduled == processes - 1
+
+
+def test_a_failed_body_leaves_a_record_that_skips_only_stale_copies(backend):
+    first = make_claim(task_id="tid-1", attempt=0)
+    backend.claim(first)
+    assert backend.fail(first) is True
+    stored = get(backend, "k-1")
+    assert (stored.status, stored.attempt, stored.task_id) == (Status.FAILED, 0, "tid-1")
+    stale = backend.claim(make_claim(task_id="tid-1", attempt=0))
+    assert stale.verdict is Verdict.STALE
+    assert stale.record.skipped == 1
+    retry = make_claim(task_id="tid-1", attempt=1)
+    outcome = backend.claim(retry)
+    assert outcome.verdict is Verdict.CLAIMED
+    assert (outcome.record.attempt, outcome.record.takeovers) == (1, 0)
+    backend.fail(retry)
+    assert backend.claim(make_claim(task_id="tid-2")).verdict is Verdict.CLAIMED
+
+
+def test_fail_renew_and_expire_by_a_stale_owner_change_nothing(backend):
+    claim = make_claim(lease=60)
+    backend.claim(claim)
+    stale = make_claim()
+    assert backend.fail(stale) is False
+    assert backend.renew(stale) is False
+    assert backend.expire_lease(SCOPE, claim.key_digest, stale.owner) is False
+    stored = get(backend, "k-1")
+    assert (stored.status, stored.owner, stored.lease_expired) == (
+        Status.PROCESSING,
+        claim.owner,
+        False,
+    )
+
+
+def test_renew_extends_the_lease_of_its_owner_only_while_processing(backend):
+    claim = make_claim(lease=0.5)
+    backend.claim(claim)
+    for _ in range(3):
+        time.sleep(0.3)
+        assert backend.renew(claim) is True
+    stored = get(backend, "k-1")
+    assert stored.lease_expired is False
+    assert stored.heartbeat_at is not None
+    assert backend.claim(make_claim()).verdict is Verdict.IN_FLIGHT
+    backend.complete(claim, None)
+    assert backend.renew(claim) is False
+
+
+def test_expire_lease_ends_a_gone_owners_lease_so_the_next_claim_takes_over(backend):
+    dead = make_claim(lease=600)
+    backend.claim(dead)
+    assert backend.expire_lease(SCOPE, dead.key_digest, dead.owner) is True
+    assert get(backend, "k-1").lease_expired is True
+    outcome = backend.claim(make_claim())
+    assert outcome.verdict is Verdict.TAKEN_OVER
+    assert outcome.record.takeovers == 1
+
+
+def test_expire_lease_of_process_needs_the_task_id_and_the_whole_identity(backend):
+    child = OwnerIdentity(
+        hostname="host-a",
+        pid=4242,
+        process_start=777,
+        boot_id=current_identity().boot_id,
+        pid_namespace="pid:[1]",
+    )
+    claim = make_claim(lease=600, task_id="tid-9", identity=child)
+    backend.claim(claim)
+    wrong = [
+        ("tid-8", child),
+        ("tid-9", dataclasses.replace(child, pid=4243)),
+        ("tid-9", dataclasses.replace(child, process_start=778)),
+        ("tid-9", dataclasses.replace(child, boot_id="another-boot")),
+        ("tid-9", dataclasses.replace(child, pid_namespace="pid:[2]")),
+    ]
+    for task_id, identity in wrong:
+        assert not backend.expire_lease_of_process(SCOPE, claim.key_digest, task_id, identity)
+    assert get(backend, "k-1").lease_expired is False
+    assert backend.expire_lease_of_process(SCOPE, claim.key_digest, "tid-9", child)
+    assert get(backend, "k-1").lease_expired is True
+
+
+def test_takeovers_stop_at_the_cap_and_the_record_is_poisoned(backend):
+    owner_claim = make_claim(lease=0.15, cap=2)
+    backend.claim(owner_claim)
+    for takeovers in (1, 2):
+        time.sleep(0.3)
+        outcome = backend.claim(make_claim(lease=0.15, cap=2))
+        assert (outcome.verdict, outcome.record.takeovers) == (Verdict.TAKEN_OVER, takeovers)
+    time.sleep(0.3)
+    poisoned = backend.claim(make_claim(lease=0.15, cap=2))
+    assert poisoned.verdict is Verdict.POISONED
+    assert poisoned.poisoned_now is True
+    assert poisoned.record.status == Status.POISONED
+    again = backend.claim(make_claim(lease=0.15, cap=2))
+    assert (again.verdict, again.poisoned_now, again.record.skipped) == (Verdict.POISONED, False, 1)
+    assert get(backend, "k-1").lease_expired is False  # poisoned until RECORD_TTL
+    assert backend.release(SCOPE, again.record.key_digest, again.record.owner, expired_only=True)
+    assert backend.claim(make_claim()).verdict is Verdict.CLAIMED
+
+
+def test_a_poisoned_record_past_record_ttl_is_claimable_again(backend):
+    backend.claim(make_claim(lease=0.1, ttl=0.3, cap=1))
+    time.sleep(0.2)
+    backend.claim(make_claim(lease=0.1, ttl=0.3, cap=1))
+    time.sleep(0.2)
+    assert backend.claim(make_claim(lease=0.1, ttl=0.3, cap=1)).verdict is Verdict.POISONED
+    time.sleep(0.5)
+    outcome = backend.claim(make_claim())
+    assert (outcome.verdict, outcome.record.takeovers) == (Verdict.CLAIMED, 0)

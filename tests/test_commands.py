@@ -142,5 +142,5 @@ def test_dedup_release_of_an_expired_lease_compares_the_owner(any_backend):
 def test_dedup_release_refuses_a_consumed_record(any_backend):
     made = claim_on(any_backend, "done", 60)
     any_backend.complete(made, None)
-    with pytest.raises(CommandError, match="consumed, not processing"):
+    with pytest.raises(CommandError, match="consumed, not processing or poisoned"):
         call_command("dedup_release", "cmd", "done", "--force", stdout=io.StringIO())

@@ -12,10 +12,11 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
 from django.db import DatabaseError, connection, transaction
 
 from dedup_celery import (
@@ -24,11 +25,12 @@ from dedup_celery import (
     DedupTask,
     DuplicateInFlightError,
     OuterTransactionError,
+    PoisonMessageError,
     get_backend,
     signals,
 )
-from dedup_celery.backends.base import Claim, Verdict
-from dedup_celery.identity import current_identity
+from dedup_celery.backends.base import Claim, OwnerIdentity, Verdict
+from dedup_celery.identity import current_identity, process_start_ticks
 from dedup_celery.keys import digest
 from dedup_celery.models import DedupRecord
 from tests.celery_app import app
@@ -73,7 +75,53 @@ def failing(self, mode):
     BODY_RUNS.append(("failing", mode))
     if mode == "ignore":
         raise Ignore()
+    if mode == "requeue":
+        raise Reject("try again", requeue=True)
     raise ValueError("the body failed")
+
+
+def _rival_claim(task):
+    """Another delivery (elsewhere) tries the running message's key."""
+    key = task.request.id
+    claim = Claim(
+        scope=task.name,
+        key=key,
+        key_digest=digest(key),
+        owner=uuid.uuid4().hex,
+        task_id=key,
+        task_name=task.name,
+        attempt=0,
+        identity=ELSEWHERE,
+        lease_seconds=60,
+        record_ttl=60,
+    )
+    return get_backend().claim(claim).verdict
+
+
+@app.task(
+    base=DedupTask,
+    name="unit.heartbeat",
+    bind=True,
+    dedup_processing_timeout=0.5,
+    dedup_heartbeat_interval=0.1,
+)
+def heartbeat_task(self):
+    time.sleep(1.2)
+    verdict = _rival_claim(self)
+    return "in flight meanwhile" if verdict is Verdict.IN_FLIGHT else verdict.value
+
+
+@app.task(
+    base=DedupTask,
+    name="unit.no_heartbeat",
+    bind=True,
+    dedup_processing_timeout=0.5,
+    dedup_heartbeat_interval=None,
+)
+def no_heartbeat_task(self):
+    time.sleep(1.2)
+    verdict = _rival_claim(self)
+    return "taken over meanwhile" if verdict is Verdict.TAKEN_OVER else verdict.value
 
 
 @app.task(base=DedupTask, name="unit.tx", bind=True, dedup_transactional=True)
@@ -94,8 +142,6 @@ def tx(self, tag, mode="ok"):
 
 @app.task(base=DedupTask, name="unit.slow_lease", bind=True, dedup_processing_timeout=0.2)
 def slow_lease(self):
-    import time
-
     time.sleep(0.4)
     # Another delivery takes the expired lease over while this body still runs.
     rival = Claim(
@@ -229,27 +275,85 @@ def test_a_direct_call_is_a_plain_function_call():
     assert not DedupRecord.objects.exists()
 
 
-def test_eager_duplicate_of_a_message_in_flight_raises_instead_of_rescheduling():
-    task_id = str(uuid.uuid4())
+def hold(task, key, identity, *, lease=60.0):
+    """Claim *key* for *task* as the process *identity* would."""
     claim = Claim(
-        scope=by_id.name,
-        key=task_id,
-        key_digest=digest(task_id),
+        scope=task.name,
+        key=key,
+        key_digest=digest(key),
         owner=uuid.uuid4().hex,
-        task_id=task_id,
-        task_name=by_id.name,
+        task_id=key,
+        task_name=task.name,
         attempt=0,
-        identity=current_identity(),
-        lease_seconds=60,
+        identity=identity,
+        lease_seconds=lease,
         record_ttl=60,
     )
     get_backend().claim(claim)
+    return claim
+
+
+#: A process on another machine: nothing here can judge whether it is alive.
+ELSEWHERE = OwnerIdentity(
+    hostname="elsewhere", pid=1, process_start=1, boot_id="another-boot-id", pid_namespace="pid:[1]"
+)
+
+
+def test_eager_duplicate_of_a_message_in_flight_raises_instead_of_rescheduling():
+    task_id = str(uuid.uuid4())
+    hold(by_id, task_id, ELSEWHERE)
     with pytest.raises(DuplicateInFlightError, match="still running"):
         by_id.apply(args=(1,), task_id=task_id).get()
     assert BODY_RUNS == []
 
 
-def test_a_failing_body_releases_its_record_and_sends_message_released():
+def test_a_live_owner_on_this_machine_is_never_taken_over():
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        me = current_identity()
+        alive = OwnerIdentity(
+            me.hostname, sleeper.pid, process_start_ticks(sleeper.pid), me.boot_id, me.pid_namespace
+        )
+        task_id = str(uuid.uuid4())
+        hold(by_id, task_id, alive)
+        with pytest.raises(DuplicateInFlightError):
+            by_id.apply(args=(1,), task_id=task_id).get()
+        assert BODY_RUNS == []
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@pytest.mark.parametrize("how", ["exited", "pid reused"])
+def test_a_dead_owners_lease_ends_at_once(how):
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    me = current_identity()
+    if how == "exited":
+        dead = OwnerIdentity(me.hostname, int(done.stdout), 12345, me.boot_id, me.pid_namespace)
+    else:
+        # A live pid with another start time is another process that reused the pid.
+        dead = OwnerIdentity(me.hostname, os.getppid(), 1, me.boot_id, me.pid_namespace)
+    task_id = str(uuid.uuid4())
+    hold(by_id, task_id, dead, lease=600)
+    assert by_id.apply(args=(3,), task_id=task_id).get() == 3
+    found = rec(by_id, task_id)
+    assert (found.status, found.takeovers) == (DedupRecord.Status.CONSUMED, 1)
+
+
+def test_an_owner_that_is_this_idle_process_is_taken_over():
+    """An earlier attempt in this very process is over, since it runs one task at a time."""
+    task_id = str(uuid.uuid4())
+    hold(by_id, task_id, current_identity(), lease=600)
+    assert by_id.apply(args=(4,), task_id=task_id).get() == 4
+    assert rec(by_id, task_id).takeovers == 1
+
+
+def test_a_failing_body_leaves_a_failed_record_and_a_stale_copy_is_skipped():
     seen = []
 
     def receiver(sender, **kwargs):
@@ -262,9 +366,65 @@ def test_a_failing_body_releases_its_record_and_sends_message_released():
             failing.apply(args=("fail",), task_id=task_id).get()
     finally:
         signals.message_released.disconnect(receiver)
-    assert rec(failing, task_id) is None
+    found = rec(failing, task_id)
+    assert (found.status, found.attempt) == (DedupRecord.Status.FAILED, 0)
     assert seen[0]["reason"] == "failed"
     assert seen[0]["task_id"] == task_id
+    # A copy of the same delivery (same id, same attempt) arriving later is stale.
+    assert failing.apply(args=("fail",), task_id=task_id).state == "IGNORED"
+    assert rec(failing, task_id).skipped == 1
+    assert BODY_RUNS == [("failing", "fail")]
+    # A retry (a higher attempt) runs again.
+    with pytest.raises(ValueError, match="the body failed"):
+        failing.apply(args=("fail",), task_id=task_id, retries=1).get()
+    assert rec(failing, task_id).attempt == 1
+
+
+def test_a_body_that_requeues_its_message_deletes_the_record():
+    task_id = str(uuid.uuid4())
+    assert failing.apply(args=("requeue",), task_id=task_id).state == "REJECTED"
+    assert rec(failing, task_id) is None
+
+
+def test_a_heartbeat_keeps_a_slow_body_s_lease(settings):
+    task_id = str(uuid.uuid4())
+    assert heartbeat_task.apply(task_id=task_id).get() == "in flight meanwhile"
+    found = rec(heartbeat_task, task_id)
+    assert found.status == DedupRecord.Status.CONSUMED
+    assert found.takeovers == 0
+    assert found.heartbeat_at is not None
+
+
+def test_without_a_heartbeat_a_slow_body_loses_its_lease(caplog):
+    task_id = str(uuid.uuid4())
+    assert no_heartbeat_task.apply(task_id=task_id).get() == "taken over meanwhile"
+    assert "lease lost" in caplog.text
+
+
+def test_a_poisoned_message_fails_every_delivery_visibly(settings, caplog):
+    settings.DEDUP_CELERY = {**settings.DEDUP_CELERY, "MAX_TAKEOVERS": 1}
+    seen = []
+
+    def receiver(sender, **kwargs):
+        seen.append(kwargs)
+
+    task_id = str(uuid.uuid4())
+    hold(by_id, task_id, ELSEWHERE, lease=0.1)
+    time.sleep(0.2)
+    hold(by_id, task_id, ELSEWHERE, lease=0.1)  # takeover 1: the cap
+    time.sleep(0.2)
+    signals.message_poisoned.connect(receiver)
+    try:
+        with pytest.raises(PoisonMessageError, match="POISONED"):
+            by_id.apply(args=(1,), task_id=task_id).get()
+        with pytest.raises(PoisonMessageError):
+            by_id.apply(args=(1,), task_id=task_id).get()
+    finally:
+        signals.message_poisoned.disconnect(receiver)
+    assert len(seen) == 1
+    assert "POISON MESSAGE" in caplog.text
+    assert rec(by_id, task_id).status == DedupRecord.Status.POISONED
+    assert BODY_RUNS == []
 
 
 def test_a_body_that_raises_ignore_counts_as_consumed():

@@ -16,8 +16,7 @@ from django.db import connections
 from django.test import override_settings
 
 from dedup_celery import DedupTask, get_backend, signals
-from dedup_celery.backends.base import Claim
-from dedup_celery.identity import current_identity
+from dedup_celery.backends.base import Claim, OwnerIdentity
 from dedup_celery.keys import digest
 from dedup_celery.models import DedupRecord
 from tests.celery_app import app
@@ -56,6 +55,7 @@ def read_queue(connection, queue):
 
 
 def claim_for(task, task_id):
+    """A claim held by a process on another machine (so it is never judged gone)."""
     return Claim(
         scope=task.name,
         key=task_id,
@@ -64,7 +64,7 @@ def claim_for(task, task_id):
         task_id=task_id,
         task_name=task.name,
         attempt=0,
-        identity=current_identity(),
+        identity=OwnerIdentity("elsewhere", 1, 1, "another-boot-id", "pid:[1]"),
         lease_seconds=60,
         record_ttl=60,
     )

@@ -5,22 +5,26 @@ atomic operation conditioned on the current state and, where it says so, on the
 owner token; nothing reads a record and then writes it on the strength of what
 it read. Times are taken from the store's own clock, never from the worker's.
 
-The status-mode transition table (README, "How it works") is the specification:
+The status-mode transition table (README, "How it works") is the specification.
+"now" is the store's clock; "expired" means ``expires_at < now``.
 
-=================  ============================================  ===========================
-transition         condition, checked by the same operation       result
-=================  ============================================  ===========================
-claim              no record                                     PROCESSING, new owner,
-                                                                 expires = now + lease
-take over          PROCESSING and expired, or CONSUMED and past  new owner, takeovers + 1
-                   RECORD_TTL (``expires_at < now`` in both)
-count duplicate    record exists and is not claimable            skipped + 1 (CONSUMED) or
-                                                                 rescheduled + 1 (PROCESSING)
-complete           owner = my token                              CONSUMED, expires = now +
-                                                                 RECORD_TTL, result stored
-release            owner = my token, PROCESSING                  record deleted
-purge              ``expires_at < now``, re-checked on delete    record deleted
-=================  ============================================  ===========================
+=============  ===================================================  ==========================
+transition     condition, checked by the same operation             result
+=============  ===================================================  ==========================
+claim          no record; or CONSUMED, FAILED or POISONED and       PROCESSING, new owner,
+               expired; or FAILED for another task id or a lower    expires = now + lease,
+               attempt (a retry)                                    takeovers = 0
+take over      PROCESSING, expired, takeovers < MAX_TAKEOVERS       new owner, takeovers + 1
+poison         PROCESSING, expired, takeovers >= MAX_TAKEOVERS      POISONED until RECORD_TTL
+count dup.     anything else                                        skipped + 1, or
+                                                                    rescheduled + 1 (PROCESSING)
+renew          owner = my token, PROCESSING                         expires = now + lease
+complete       owner = my token (or no record)                      CONSUMED until RECORD_TTL
+fail           owner = my token, PROCESSING                         FAILED until RECORD_TTL
+expire lease   owner = the token (or the process) given, PROCESSING  expires = now
+release        owner = the token given, PROCESSING or POISONED      record deleted
+purge          expired, re-checked on delete                        record deleted
+=============  ===================================================  ==========================
 """
 
 from __future__ import annotations
@@ -40,6 +44,11 @@ class Status(models.TextChoices):
 
     PROCESSING = "processing", _("processing")
     CONSUMED = "consumed", _("consumed")
+    #: The body raised (it failed for good, or asked for a retry). Copies of the
+    #: same task id with the same or a lower attempt are stale and are skipped.
+    FAILED = "failed", _("failed")
+    #: Deliveries kept dying while they held the record (MAX_TAKEOVERS reached).
+    POISONED = "poisoned", _("poisoned")
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,7 @@ class Claim:
     identity: OwnerIdentity
     lease_seconds: float
     record_ttl: float
+    max_takeovers: int = 5
 
 
 @dataclass(frozen=True)
@@ -107,6 +117,10 @@ class Verdict(enum.Enum):
     TAKEN_OVER = "taken_over"
     CONSUMED = "consumed"
     IN_FLIGHT = "in_flight"
+    #: A copy of a delivery whose body already raised (same task id, no higher attempt).
+    STALE = "stale"
+    #: The record is POISONED; ``ClaimOutcome.poisoned_now`` says if this claim did it.
+    POISONED = "poisoned"
 
     @property
     def claimed(self) -> bool:
@@ -124,6 +138,25 @@ class ClaimOutcome:
 
     verdict: Verdict
     record: Record | None
+    poisoned_now: bool = False
+
+
+def outcome_for(claim: Claim, record: Record, *, changed_now: bool = False) -> ClaimOutcome:
+    """Read a claim's verdict off the record the claim left behind.
+
+    *changed_now* says the claim itself last changed the record (so a POISONED
+    record was poisoned by this very claim).
+    """
+    if record.owner == claim.owner:
+        verdict = Verdict.TAKEN_OVER if record.takeovers > 0 else Verdict.CLAIMED
+    else:
+        verdict = {
+            Status.CONSUMED: Verdict.CONSUMED,
+            Status.FAILED: Verdict.STALE,
+            Status.POISONED: Verdict.POISONED,
+        }.get(record.status, Verdict.IN_FLIGHT)
+    poisoned_now = verdict is Verdict.POISONED and changed_now
+    return ClaimOutcome(verdict=verdict, record=record, poisoned_now=poisoned_now)
 
 
 class BaseBackend:
@@ -170,11 +203,47 @@ class BaseBackend:
         raise NotImplementedError
 
     def release(self, scope: str, key_digest: str, owner: str, *, expired_only: bool) -> bool:
-        """Delete a PROCESSING record if its owner is *owner*; return whether it was deleted.
+        """Delete a PROCESSING or POISONED record owned by *owner*; return whether it went.
 
-        Must be atomic (compare-and-delete). With *expired_only*, only a record
-        whose lease has expired is deleted. The task uses this after a failed
-        body, the admin action and ``dedup_release`` for an operator's release.
+        Must be atomic (compare-and-delete). With *expired_only*, a PROCESSING
+        record goes only if its lease has expired. The admin action and
+        ``dedup_release`` use this for an operator's release, and the task after
+        a body that raised ``Reject(requeue=True)``.
+        """
+        raise NotImplementedError
+
+    def fail(self, claim: Claim) -> bool:
+        """Turn *claim*'s PROCESSING record into a FAILED one until RECORD_TTL.
+
+        Must be atomic and conditioned on the owner token. The record keeps the
+        task id and attempt, so a stale copy of the same delivery is skipped,
+        while a retry (a higher attempt) or another task id claims it.
+        """
+        raise NotImplementedError
+
+    def renew(self, claim: Claim) -> bool:
+        """Extend *claim*'s lease to now + lease; False if it no longer owns the record.
+
+        Must be atomic and conditioned on the owner token and PROCESSING.
+        """
+        raise NotImplementedError
+
+    def expire_lease(self, scope: str, key_digest: str, owner: str) -> bool:
+        """End the lease of a PROCESSING record owned by *owner* now (its owner is gone).
+
+        Must be atomic and conditioned on the owner token. The next claim then
+        takes the record over, and counts the takeover.
+        """
+        raise NotImplementedError
+
+    def expire_lease_of_process(
+        self, scope: str, key_digest: str, task_id: str, identity: OwnerIdentity
+    ) -> bool:
+        """End the lease of the PROCESSING record that *identity*'s process holds for *task_id*.
+
+        For the worker's main process, which saw that child die but never knew
+        its owner token. Must be atomic and conditioned on the task id and the
+        whole identity (host, pid, process start, boot id, pid namespace).
         """
         raise NotImplementedError
 

@@ -42,9 +42,11 @@ from dedup_celery.backends.base import (
     BaseBackend,
     Claim,
     ClaimOutcome,
+    OwnerIdentity,
     Record,
     Status,
     Verdict,
+    outcome_for,
 )
 from dedup_celery.exceptions import StorageError
 from dedup_celery.keys import display_key
@@ -148,6 +150,22 @@ def now_sql(vendor: str) -> str:
             f"dedup_celery's database backend supports PostgreSQL, SQLite and MySQL/MariaDB, "
             f"not {vendor!r}. Use another backend (DEDUP_CELERY['BACKEND'])."
         ) from None
+
+
+def now_plus_literal(vendor: str, seconds: float) -> str:
+    """Return SQL for "now + *seconds*" with the number written into the text.
+
+    Only for numbers that come from settings (never from a message).
+    """
+    seconds = float(seconds)
+    if vendor == "postgresql":
+        return f"(STATEMENT_TIMESTAMP() + MAKE_INTERVAL(secs => {seconds!r}))"
+    if vendor == "sqlite":
+        return f"STRFTIME('%%Y-%%m-%%d %%H:%%M:%%f', 'NOW', '{seconds:+.6f} seconds')"
+    if vendor == "mysql":
+        return f"(CURRENT_TIMESTAMP(6) + INTERVAL {round(seconds * 1_000_000)} MICROSECOND)"
+    now_sql(vendor)  # raises the "unsupported database" error
+    raise AssertionError("unreachable")
 
 
 def now_plus_sql(vendor: str, seconds: float) -> tuple[str, list[Any]]:
@@ -297,46 +315,76 @@ class DatabaseBackend(BaseBackend):
             ident.pid_namespace,
         ]
 
-    def _outcome(self, claim: Claim, record: Record) -> ClaimOutcome:
-        if record.owner == claim.owner:
-            verdict = Verdict.TAKEN_OVER if record.takeovers > 0 else Verdict.CLAIMED
-        elif record.status == Status.CONSUMED:
-            verdict = Verdict.CONSUMED
-        else:
-            verdict = Verdict.IN_FLIGHT
-        return ClaimOutcome(verdict=verdict, record=record)
+    def _outcome(self, claim: Claim, record: Record, *, changed_now: bool = False) -> ClaimOutcome:
+        return outcome_for(claim, record, changed_now=changed_now)
 
     # -- the upsert claim (PostgreSQL, SQLite) --------------------------------------
 
-    def _upsert_sql(self, connection: Any, *, transactional: bool) -> str:
+    def _upsert_sql(self, connection: Any, claim: Claim, *, transactional: bool) -> str:
         vendor = connection.vendor
-        cache_key = (vendor, "claim-tx" if transactional else "claim")
+        cache_key = (vendor, transactional, claim.max_takeovers, claim.record_ttl)
         sql = self._sql.get(cache_key)
         if sql is not None:
             return sql
         qn = connection.ops.quote_name
+
+        def old(column: str) -> str:
+            return f"r.{qn(column)}"
+
+        def new(column: str) -> str:
+            return f"excluded.{qn(column)}"
+
         now = now_sql(vendor)
-        mine = f"r.{qn('owner')} = excluded.{qn('owner')}"
-        claimable = f"r.{qn('expires_at')} < {now}"
-        take = f"(NOT ({mine}) AND {claimable})"
-        dup = f"(NOT ({mine}) AND NOT ({claimable}))"
+        status = old("status")
+        mine = f"{old('owner')} = {new('owner')}"
+        expired = f"{old('expires_at')} < {now}"
+        processing = f"{status} = '{Status.PROCESSING.value}'"
+        stale = (
+            f"({status} = '{Status.FAILED.value}' AND NOT ({expired}) AND "
+            f"{old('task_id')} = {new('task_id')} AND {old('attempt')} >= {new('attempt')})"
+        )
+        take = (
+            f"(NOT ({mine}) AND {processing} AND {expired} AND "
+            f"{old('takeovers')} < {int(claim.max_takeovers)})"
+        )
+        poison = (
+            f"(NOT ({mine}) AND {processing} AND {expired} AND "
+            f"{old('takeovers')} >= {int(claim.max_takeovers)})"
+        )
+        fresh = (
+            f"(NOT ({mine}) AND (({status} IN ('{Status.CONSUMED.value}', "
+            f"'{Status.POISONED.value}') AND {expired}) OR ({status} = "
+            f"'{Status.FAILED.value}' AND NOT {stale})))"
+        )
+        claimed = f"({take} OR {fresh})"
+        dup = f"(NOT ({mine}) AND NOT {claimed} AND NOT {poison})"
         assignments = [
-            f"{qn(col)} = CASE WHEN {take} THEN excluded.{qn(col)} ELSE r.{qn(col)} END"
+            f"{qn(col)} = CASE WHEN {claimed} THEN {new(col)} ELSE {old(col)} END"
             for col in _TAKEOVER_COLUMNS
+            if col not in ("status", "expires_at", "updated_at")
         ]
         assignments += [
-            f"{qn('takeovers')} = r.{qn('takeovers')} + CASE WHEN {take} THEN 1 ELSE 0 END",
-            f"{qn('skipped')} = r.{qn('skipped')} + CASE WHEN {dup} AND r.{qn('status')} = "
-            f"'{Status.CONSUMED.value}' THEN 1 ELSE 0 END",
-            f"{qn('rescheduled')} = r.{qn('rescheduled')} + CASE WHEN {dup} AND "
-            f"r.{qn('status')} = '{Status.PROCESSING.value}' THEN 1 ELSE 0 END",
+            f"{qn('status')} = CASE WHEN {claimed} THEN {new('status')} "
+            f"WHEN {poison} THEN '{Status.POISONED.value}' ELSE {status} END",
+            f"{qn('expires_at')} = CASE WHEN {claimed} THEN {new('expires_at')} "
+            f"WHEN {poison} THEN {now_plus_literal(vendor, claim.record_ttl)} "
+            f"ELSE {old('expires_at')} END",
+            f"{qn('updated_at')} = CASE WHEN {claimed} OR {poison} THEN {now} "
+            f"ELSE {old('updated_at')} END",
+            f"{qn('takeovers')} = CASE WHEN {take} THEN {old('takeovers')} + 1 "
+            f"WHEN {fresh} THEN 0 ELSE {old('takeovers')} END",
+            f"{qn('skipped')} = {old('skipped')} + CASE WHEN {dup} AND NOT {processing} "
+            "THEN 1 ELSE 0 END",
+            f"{qn('rescheduled')} = {old('rescheduled')} + CASE WHEN {dup} AND {processing} "
+            "THEN 1 ELSE 0 END",
             f"{qn('last_duplicate_at')} = CASE WHEN {dup} THEN {now} "
-            f"ELSE r.{qn('last_duplicate_at')} END",
+            f"ELSE {old('last_duplicate_at')} END",
         ]
         result_col = f"{qn('result')}::text" if vendor == "postgresql" else qn("result")
         returning = [qn(c) for c in _RECORD_COLUMNS if c != "result"] + [
             f"{result_col} AS {qn('result')}",
             f"({qn('expires_at')} < {now}) AS {qn('lease_expired')}",
+            f"({qn('updated_at')} = {now}) AS {qn('changed_now')}",
         ]
         # created_at, updated_at, expires_at (one parameter: the seconds),
         # consumed_at, then the fixed tail.
@@ -364,7 +412,7 @@ class DatabaseBackend(BaseBackend):
         return sql
 
     def _claim_upsert(self, claim: Claim, connection: Any, *, transactional: bool) -> ClaimOutcome:
-        sql = self._upsert_sql(connection, transactional=transactional)
+        sql = self._upsert_sql(connection, claim, transactional=transactional)
         seconds = claim.record_ttl if transactional else claim.lease_seconds
         params = self._claim_values(claim, connection, transactional=transactional)
         params += now_plus_sql(connection.vendor, seconds)[1]
@@ -376,7 +424,9 @@ class DatabaseBackend(BaseBackend):
             names = [col[0] for col in cursor.description] if row is not None else []
         if row is None:
             return ClaimOutcome(verdict=Verdict.IN_FLIGHT, record=None)
-        return self._outcome(claim, self._record_from_row(dict(zip(names, row, strict=False))))
+        values = dict(zip(names, row, strict=True))
+        changed_now = bool(values.pop("changed_now"))
+        return self._outcome(claim, self._record_from_row(values), changed_now=changed_now)
 
     # -- the portable claim (MySQL, MariaDB) ------------------------------------
 
@@ -412,20 +462,49 @@ class DatabaseBackend(BaseBackend):
                 pass
             else:
                 return self._outcome(claim, self._fetch(claim.scope, claim.key_digest))
-            taken = (
-                manager.filter(**ident_filter, expires_at__lt=Now())
-                .exclude(owner=uuid.UUID(claim.owner))
+            not_mine = ~Q(owner=uuid.UUID(claim.owner))
+            expired = Q(expires_at__lt=Now())
+            processing = Q(status=Status.PROCESSING)
+            stale = (
+                Q(status=Status.FAILED)
+                & ~expired
+                & Q(task_id=claim.task_id, attempt__gte=claim.attempt)
+            )
+            claimed = (
+                manager.filter(**ident_filter)
+                .filter(not_mine & processing & expired & Q(takeovers__lt=claim.max_takeovers))
                 .update(takeovers=F("takeovers") + 1, **fields)
             )
-            if not taken:
-                manager.filter(**ident_filter).filter(~Q(owner=uuid.UUID(claim.owner))).update(
+            if not claimed:
+                fresh = (
+                    Q(status__in=[Status.CONSUMED, Status.POISONED]) & expired
+                    | Q(status=Status.FAILED) & ~stale
+                )
+                claimed = (
+                    manager.filter(**ident_filter)
+                    .filter(not_mine & fresh)
+                    .update(takeovers=0, **fields)
+                )
+            poisoned_now = False
+            if not claimed:
+                poisoned_now = bool(
+                    manager.filter(**ident_filter)
+                    .filter(not_mine & processing & expired & Q(takeovers__gte=claim.max_takeovers))
+                    .update(
+                        status=Status.POISONED,
+                        expires_at=NowPlus(claim.record_ttl),
+                        updated_at=Now(),
+                    )
+                )
+            if not claimed and not poisoned_now:
+                manager.filter(**ident_filter).filter(not_mine).update(
                     skipped=Case(
-                        When(status=Status.CONSUMED, then=F("skipped") + 1),
-                        default=F("skipped"),
+                        When(processing, then=F("skipped")),
+                        default=F("skipped") + 1,
                         output_field=PositiveIntegerField(),
                     ),
                     rescheduled=Case(
-                        When(status=Status.PROCESSING, then=F("rescheduled") + 1),
+                        When(processing, then=F("rescheduled") + 1),
                         default=F("rescheduled"),
                         output_field=PositiveIntegerField(),
                     ),
@@ -433,7 +512,7 @@ class DatabaseBackend(BaseBackend):
                 )
             record = self._fetch(claim.scope, claim.key_digest)
             if record is not None:
-                return self._outcome(claim, record)
+                return self._outcome(claim, record, changed_now=poisoned_now)
             # Purged or released between the statements: claim again.
         raise StorageError("the record kept disappearing while it was being claimed")
 
@@ -521,19 +600,78 @@ class DatabaseBackend(BaseBackend):
 
     @_storage_errors
     def release(self, scope: str, key_digest: str, owner: str, *, expired_only: bool) -> bool:
-        """Compare-and-delete a PROCESSING record (see :meth:`BaseBackend.release`)."""
+        """Compare-and-delete a PROCESSING or POISONED record (see :meth:`BaseBackend.release`)."""
         connection = connections[self.alias]
         qn = connection.ops.quote_name
+        processing = f"{qn('status')} = %s"
+        if expired_only:
+            processing += f" AND {qn('expires_at')} < {now_sql(connection.vendor)}"
         sql = (
             f"DELETE FROM {qn(DedupRecord._meta.db_table)} WHERE {qn('scope')} = %s "
-            f"AND {qn('key_digest')} = %s AND {qn('owner')} = %s AND {qn('status')} = %s"
+            f"AND {qn('key_digest')} = %s AND {qn('owner')} = %s "
+            f"AND ({qn('status')} = %s OR ({processing}))"
         )
-        params = [scope, key_digest, self._owner_param(owner, connection), Status.PROCESSING.value]
-        if expired_only:
-            sql += f" AND {qn('expires_at')} < {now_sql(connection.vendor)}"
+        params = [
+            scope,
+            key_digest,
+            self._owner_param(owner, connection),
+            Status.POISONED.value,
+            Status.PROCESSING.value,
+        ]
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
             return cursor.rowcount == 1
+
+    def _owned(self, scope: str, key_digest: str, owner: str) -> Any:
+        return self._manager().filter(
+            scope=scope, key_digest=key_digest, owner=uuid.UUID(owner), status=Status.PROCESSING
+        )
+
+    @_storage_errors
+    def fail(self, claim: Claim) -> bool:
+        """Leave a FAILED record for stale copies to meet (see :meth:`BaseBackend.fail`)."""
+        return bool(
+            self._owned(claim.scope, claim.key_digest, claim.owner).update(
+                status=Status.FAILED, expires_at=NowPlus(claim.record_ttl), updated_at=Now()
+            )
+        )
+
+    @_storage_errors
+    def renew(self, claim: Claim) -> bool:
+        """Extend the lease while the owner still holds it (see :meth:`BaseBackend.renew`)."""
+        return bool(
+            self._owned(claim.scope, claim.key_digest, claim.owner).update(
+                expires_at=NowPlus(claim.lease_seconds), heartbeat_at=Now()
+            )
+        )
+
+    @_storage_errors
+    def expire_lease(self, scope: str, key_digest: str, owner: str) -> bool:
+        """End a gone owner's lease now (see :meth:`BaseBackend.expire_lease`)."""
+        # A millisecond in the past, so the next statement sees it expired even
+        # on a clock (SQLite's) that only counts milliseconds.
+        return bool(self._owned(scope, key_digest, owner).update(expires_at=NowPlus(-0.001)))
+
+    @_storage_errors
+    def expire_lease_of_process(
+        self, scope: str, key_digest: str, task_id: str, identity: OwnerIdentity
+    ) -> bool:
+        """End the lease a dead child held (see :meth:`BaseBackend.expire_lease_of_process`)."""
+        return bool(
+            self._manager()
+            .filter(
+                scope=scope,
+                key_digest=key_digest,
+                status=Status.PROCESSING,
+                task_id=task_id,
+                hostname=identity.hostname,
+                pid=identity.pid,
+                process_start=identity.process_start,
+                boot_id=identity.boot_id,
+                pid_namespace=identity.pid_namespace,
+            )
+            .update(expires_at=NowPlus(-0.001))
+        )
 
     @_storage_errors
     def get(self, scope: str, key_digest: str) -> Record | None:

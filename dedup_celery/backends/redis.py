@@ -29,9 +29,9 @@ from dedup_celery.backends.base import (
     BaseBackend,
     Claim,
     ClaimOutcome,
+    OwnerIdentity,
     Record,
-    Status,
-    Verdict,
+    outcome_for,
 )
 from dedup_celery.exceptions import DedupConfigurationError, StorageError
 from dedup_celery.keys import display_key
@@ -55,7 +55,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
 # KEYS[1]: the record. ARGV: owner, lease_ms, ttl_ms, scope, key, key_digest,
-# task_id, task_name, attempt, hostname, pid, process_start, boot_id, pid_namespace.
+# task_id, task_name, attempt, hostname, pid, process_start, boot_id,
+# pid_namespace, max_takeovers. Returns the record's fields, then "now" and
+# "changed" ("1" if this claim poisoned it).
 CLAIM_SCRIPT = (
     _NOW
     + """
@@ -63,29 +65,46 @@ local key = KEYS[1]
 local owner = ARGV[1]
 local lease = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
-local function own(status)
-  redis.call('HSET', key, 'status', status, 'owner', owner, 'task_id', ARGV[7],
+local cap = tonumber(ARGV[15])
+local changed = '0'
+local function own(takeovers)
+  redis.call('HSET', key, 'status', 'processing', 'owner', owner, 'task_id', ARGV[7],
     'task_name', ARGV[8], 'attempt', ARGV[9], 'hostname', ARGV[10], 'pid', ARGV[11],
     'process_start', ARGV[12], 'boot_id', ARGV[13], 'pid_namespace', ARGV[14],
-    'updated_at', now, 'expires_at', now + lease, 'key', ARGV[5])
+    'updated_at', now, 'expires_at', now + lease, 'key', ARGV[5], 'takeovers', takeovers)
   redis.call('HDEL', key, 'consumed_at', 'heartbeat_at', 'result')
   redis.call('PEXPIRE', key, lease + ttl)
 end
-local current = redis.call('HGET', key, 'owner')
+local fields = redis.call('HMGET', key, 'owner', 'status', 'expires_at', 'takeovers',
+  'task_id', 'attempt')
+local current = fields[1]
 if not current then
   redis.call('DEL', key)
   redis.call('HSET', key, 'scope', ARGV[4], 'key_digest', ARGV[6], 'created_at', now,
-    'skipped', 0, 'rescheduled', 0, 'takeovers', 0)
-  own('processing')
+    'skipped', 0, 'rescheduled', 0)
+  own(0)
 elseif current ~= owner then
-  if tonumber(redis.call('HGET', key, 'expires_at')) < now then
-    redis.call('HINCRBY', key, 'takeovers', 1)
-    own('processing')
-  else
-    if redis.call('HGET', key, 'status') == 'consumed' then
-      redis.call('HINCRBY', key, 'skipped', 1)
+  local status = fields[2]
+  local expired = tonumber(fields[3]) < now
+  local takeovers = tonumber(fields[4])
+  local stale = status == 'failed' and not expired and fields[5] == ARGV[7]
+    and tonumber(fields[6]) >= tonumber(ARGV[9])
+  if status == 'processing' and expired then
+    if takeovers < cap then
+      own(takeovers + 1)
     else
+      redis.call('HSET', key, 'status', 'poisoned', 'updated_at', now, 'expires_at', now + ttl)
+      redis.call('PEXPIRE', key, ttl)
+      changed = '1'
+    end
+  elseif ((status == 'consumed' or status == 'poisoned') and expired)
+      or (status == 'failed' and not stale) then
+    own(0)
+  else
+    if status == 'processing' then
       redis.call('HINCRBY', key, 'rescheduled', 1)
+    else
+      redis.call('HINCRBY', key, 'skipped', 1)
     end
     redis.call('HSET', key, 'last_duplicate_at', now)
   end
@@ -93,6 +112,8 @@ end
 local record = redis.call('HGETALL', key)
 table.insert(record, 'now')
 table.insert(record, now)
+table.insert(record, 'changed')
+table.insert(record, changed)
 return record
 """
 )
@@ -135,13 +156,66 @@ RELEASE_SCRIPT = (
     + """
 local key = KEYS[1]
 local fields = redis.call('HMGET', key, 'owner', 'status', 'expires_at')
-if fields[1] ~= ARGV[1] or fields[2] ~= 'processing' then
+if fields[1] ~= ARGV[1] then
   return 0
 end
-if ARGV[2] == '1' and tonumber(fields[3]) >= now then
+if fields[2] == 'processing' then
+  if ARGV[2] == '1' and tonumber(fields[3]) >= now then
+    return 0
+  end
+elseif fields[2] ~= 'poisoned' then
   return 0
 end
 redis.call('DEL', key)
+return 1
+"""
+)
+
+# KEYS[1]: the record. ARGV: owner, what ("fail", "renew" or "expire"), seconds_ms.
+# Changes a PROCESSING record this owner holds: FAILED until now + seconds,
+# lease renewed to now + seconds, or lease ended now.
+OWNED_SCRIPT = (
+    _NOW
+    + """
+local key = KEYS[1]
+local fields = redis.call('HMGET', key, 'owner', 'status', 'expires_at')
+if fields[1] ~= ARGV[1] or fields[2] ~= 'processing' then
+  return 0
+end
+local ms = tonumber(ARGV[3])
+if ARGV[2] == 'fail' then
+  redis.call('HSET', key, 'status', 'failed', 'updated_at', now, 'expires_at', now + ms)
+  redis.call('PEXPIRE', key, ms)
+elseif ARGV[2] == 'renew' then
+  redis.call('HSET', key, 'expires_at', now + ms, 'heartbeat_at', now)
+  local ttl = redis.call('PTTL', key)
+  if ttl >= 0 and ttl < ms then
+    redis.call('PEXPIRE', key, ms)
+  end
+else
+  redis.call('HSET', key, 'expires_at', now - 1)
+end
+return 1
+"""
+)
+
+# KEYS[1]: the record. ARGV: task_id, hostname, pid, process_start, boot_id,
+# pid_namespace. Ends the lease of the PROCESSING record that process holds.
+EXPIRE_PROCESS_SCRIPT = (
+    _NOW
+    + """
+local key = KEYS[1]
+local f = redis.call('HMGET', key, 'status', 'task_id', 'hostname', 'pid', 'process_start',
+  'boot_id', 'pid_namespace')
+if f[1] ~= 'processing' then
+  return 0
+end
+for i = 1, 6 do
+  if f[i + 1] ~= ARGV[i] then
+    return 0
+  end
+end
+redis.call('HSET', key, 'expires_at', now - 1)
 return 1
 """
 )
@@ -283,6 +357,8 @@ class RedisBackend(BaseBackend):
                 ("claim", CLAIM_SCRIPT),
                 ("complete", COMPLETE_SCRIPT),
                 ("release", RELEASE_SCRIPT),
+                ("owned", OWNED_SCRIPT),
+                ("expire_process", EXPIRE_PROCESS_SCRIPT),
                 ("get", GET_SCRIPT),
                 ("purge", PURGE_SCRIPT),
             )
@@ -330,6 +406,7 @@ class RedisBackend(BaseBackend):
             return None
         fields = {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
         now = int(fields.pop("now"))
+        fields.pop("changed", None)
         expires_raw = fields.get("expires_at")
         result = fields.get("result")
         owner = fields.get("owner")
@@ -371,19 +448,14 @@ class RedisBackend(BaseBackend):
                 claim.owner,
                 round(claim.lease_seconds * 1000),
                 round(claim.record_ttl * 1000),
-                *ident[:3],
-                *ident[3:],
+                *ident,
+                int(claim.max_takeovers),
             ],
         )
+        changed_now = _text(flat[-1]) == "1"
         record = self._record(flat)
         assert record is not None
-        if record.owner == claim.owner:
-            verdict = Verdict.TAKEN_OVER if record.takeovers > 0 else Verdict.CLAIMED
-        elif record.status == Status.CONSUMED:
-            verdict = Verdict.CONSUMED
-        else:
-            verdict = Verdict.IN_FLIGHT
-        return ClaimOutcome(verdict=verdict, record=record)
+        return outcome_for(claim, record, changed_now=changed_now)
 
     @_storage_errors
     def complete(self, claim: Claim, result: Any) -> bool:
@@ -402,6 +474,46 @@ class RedisBackend(BaseBackend):
         owner = uuid.UUID(owner).hex
         done = self._script("release")(
             keys=[self.redis_key(scope, key_digest)], args=[owner, "1" if expired_only else "0"]
+        )
+        return bool(done)
+
+    def _owned(self, scope: str, key_digest: str, owner: str, what: str, seconds: float) -> bool:
+        done = self._script("owned")(
+            keys=[self.redis_key(scope, key_digest)],
+            args=[uuid.UUID(owner).hex, what, round(seconds * 1000)],
+        )
+        return bool(done)
+
+    @_storage_errors
+    def fail(self, claim: Claim) -> bool:
+        """Leave a FAILED record for stale copies to meet (see :meth:`BaseBackend.fail`)."""
+        return self._owned(claim.scope, claim.key_digest, claim.owner, "fail", claim.record_ttl)
+
+    @_storage_errors
+    def renew(self, claim: Claim) -> bool:
+        """Extend the lease while the owner still holds it (see :meth:`BaseBackend.renew`)."""
+        return self._owned(claim.scope, claim.key_digest, claim.owner, "renew", claim.lease_seconds)
+
+    @_storage_errors
+    def expire_lease(self, scope: str, key_digest: str, owner: str) -> bool:
+        """End a gone owner's lease now (see :meth:`BaseBackend.expire_lease`)."""
+        return self._owned(scope, key_digest, owner, "expire", 0)
+
+    @_storage_errors
+    def expire_lease_of_process(
+        self, scope: str, key_digest: str, task_id: str, identity: OwnerIdentity
+    ) -> bool:
+        """End the lease a dead child held (see :meth:`BaseBackend.expire_lease_of_process`)."""
+        done = self._script("expire_process")(
+            keys=[self.redis_key(scope, key_digest)],
+            args=[
+                task_id,
+                identity.hostname,
+                identity.pid,
+                "" if identity.process_start is None else identity.process_start,
+                identity.boot_id,
+                identity.pid_namespace,
+            ],
         )
         return bool(done)
 

@@ -22,7 +22,8 @@ from celery.signals import task_postrun
 from dedup_celery import DedupTask
 from tests.testapp.models import Effect
 
-LEASE = 4
+# Several minutes: a redelivery after a crash must not wait for it (fast recovery).
+LEASE = 300
 
 
 def run_log(tag):

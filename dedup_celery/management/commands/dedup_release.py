@@ -18,8 +18,9 @@ class Command(BaseCommand):
     """Release a PROCESSING record so the message's next delivery runs the body."""
 
     help = (
-        "Release a PROCESSING dedup_celery record. Only an expired lease unless --force; "
-        "only if the owner is still the one printed (or given with --owner). Re-sends nothing."
+        "Release a PROCESSING or POISONED dedup_celery record: only an expired lease unless "
+        "--force, only if the owner is still the one printed (or given with --owner). "
+        "Re-sends nothing."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -43,8 +44,10 @@ class Command(BaseCommand):
         if record is None:
             raise CommandError(f"No record for that scope and key in the {backend.describe()}.")
         self.stdout.write(format_record(record))
-        if record.status != Status.PROCESSING:
-            raise CommandError(f"The record is {record.status}, not processing: not released.")
+        if record.status not in (Status.PROCESSING, Status.POISONED):
+            raise CommandError(
+                f"The record is {record.status}, not processing or poisoned: not released."
+            )
         owner = options["owner"] or record.owner
         if not operator_release(backend, scope, key_digest, owner, force=options["force"]):
             reason = (
