@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -60,10 +61,15 @@ def start_worker(django_db_setup, celery_broker, redis_url, postgres_server):
         visibility_timeout=None,
         concurrency=4,
         store_url="",
+        broker_url=None,
+        dedup=None,
+        env=None,
     ):
         env = {
+            **(env or {}),
+            "DEDUP_TEST_DEDUP_EXTRA": json.dumps(dedup or {}),
             "DEDUP_TEST_STORE_URL": store_url,
-            "DEDUP_TEST_BROKER_URL": f"{redis_url}/{broker_db}",
+            "DEDUP_TEST_BROKER_URL": broker_url or f"{redis_url}/{broker_db}",
             "DEDUP_TEST_RESULT_BACKEND": result_backend,
             "DEDUP_TEST_PG_PORT": str(postgres_server.port),
             "DEDUP_TEST_PG_NAME": connections["default"].settings_dict["NAME"],

@@ -136,6 +136,8 @@ class Worker:
 
     def start(self, timeout: float = 60) -> Worker:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        # A restarted worker appends to the same log: look for "ready" after this point.
+        self._log_start = self._log.tell()
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -172,13 +174,28 @@ class Worker:
     def _ready(self) -> bool:
         if self.process.poll() is not None:
             raise RuntimeError(f"worker {self.name} exited at start:\n{self.log_text()[-3000:]}")
-        return " ready." in self.log_text()
+        with open(self.log_path, "rb") as fh:
+            fh.seek(self._log_start)
+            return b" ready." in fh.read()
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def kill(self) -> None:
+        """SIGKILL the whole worker: the main process and every pool child at once."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(15)
+        self._log.close()
+        self.process = None
+
     def stop(self) -> None:
         if self.process is None:
+            return
+        if self.process.poll() is not None:  # it exited by itself; children may remain
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self._log.close()
+            self.process = None
             return
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
@@ -192,3 +209,58 @@ class Worker:
         self.process.wait(15)
         self._log.close()
         self.process = None
+
+
+class RedisServer:
+    """A redis-server of one test's own, with an append-only file so a restart keeps data."""
+
+    def __init__(self) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="dedup-celery-redis-"))
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> RedisServer:
+        executable = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.process = subprocess.Popen(
+            [
+                executable,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.base),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(self._up, 20, what="redis-server to accept connections")
+        return self
+
+    def _up(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(20)
+            self.process = None
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)

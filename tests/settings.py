@@ -4,6 +4,7 @@ Service addresses come from environment variables that the session fixtures set
 (see tests/conftest.py); every service is a throwaway one on 127.0.0.1.
 """
 
+import json
 import os
 import tempfile
 
@@ -88,3 +89,4 @@ if os.environ.get("DEDUP_TEST_STORE_URL"):
         "OPTIONS": {"url": os.environ["DEDUP_TEST_STORE_URL"], "key_prefix": "scenario:"},
         "RETRY_COUNTDOWN": 1,
     }
+DEDUP_CELERY.update(json.loads(os.environ.get("DEDUP_TEST_DEDUP_EXTRA") or "{}"))

@@ -272,3 +272,32 @@ def test_reschedules_keep_request_retries_and_the_retry_budget(workers, tag):
     assert lines == [["slowfail", first, "0"], ["retry", second, "0"], ["retry", second, "1"]]
     assert f"[{second}]: duplicate of a message in flight" in worker.log_text()
     assert record(retry_budget, f"budget:{tag}").task_id == second
+
+
+@pytest.mark.parametrize("point", ["prerun", "claimed"])
+def test_child_killed_before_the_claim_or_right_after_it(case, point, tag, report_scenario):
+    """Fault 1 of the fault suite: the first two kill points. Both end in one effect, fast."""
+    if point == "claimed" and not case.dedup:
+        point = "prerun"  # a plain task has no claim; the control dies at the same place
+    task_id = new_id()
+    case.send(task_id, tag=tag, n=1, kill=point)
+    wait_until(lambda: effects(tag) >= 1, timeout=30, what="the redelivery")
+    if case.dedup:
+        wait_until(lambda: case.consumed(task_id), what="the record to be consumed")
+    settle()
+    assert killed(tag, 1, point), "the child was not killed"
+    assert effects(tag) == 1
+    assert len(starts(tag)) == 1  # the first delivery died before the body
+    if case.dedup and point == "claimed" and case.mode != "transactional":
+        assert case.record(task_id).takeovers == 1
+    report_scenario(
+        {
+            "scenario": f"kill {point}",
+            "task": case.mode,
+            "messages": 1,
+            "body runs": len(starts(tag)),
+            "effects": effects(tag),
+            "duplicates": 0,
+            "lost": 0,
+        }
+    )

@@ -4,12 +4,18 @@ A body appends a line to ``<DEDUP_TEST_TMP>/<tag>.runs`` when it starts and when
 it ends (outside any transaction, so a rolled-back run is still counted), and
 writes an ``Effect`` row: the business effect that must happen once.
 
-``kill`` names the point where the body SIGKILLs its own worker child on the
-first delivery only (a marker file remembers it):
+``kill`` names the point where the worker child SIGKILLs itself, on the first
+delivery only (a marker file remembers it):
 
-* ``before_effect``: after the claim, before the effect;
-* ``after_effect``: after the effect, before the body returns;
-* ``postrun``: in ``task_postrun``, after commit or CONSUMED, before the ack.
+* ``prerun``: in ``task_prerun``, before the claim;
+* ``claimed``: in the ``message_claimed`` signal, after the claim, before the body;
+* ``before_effect``: in the body, before the effect;
+* ``after_effect``: in the body, after the effect (the last thing it does);
+* ``postrun``: in ``task_postrun``, after commit or CONSUMED, before the ack;
+* ``always``: in the body, before the effect, on every delivery (a poison message).
+
+``effect_first`` writes the effect before sleeping instead of after; ``fail``
+makes the body raise (for good) after sleeping, with no effect.
 """
 
 import os
@@ -17,9 +23,12 @@ import signal
 import time
 
 from celery import shared_task
-from celery.signals import task_postrun
+from celery.signals import task_postrun, task_prerun
+from django.db import InterfaceError, OperationalError
+from django.dispatch import receiver
 
 from dedup_celery import DedupTask
+from dedup_celery.signals import message_claimed
 from tests.testapp.models import Effect
 
 # Several minutes: a redelivery after a crash must not wait for it (fast recovery).
@@ -40,17 +49,28 @@ def _kill_once(tag, n, point):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _body(task, tag, n, sleep=0.0, kill=None):
+def _effect(request, tag, n):
+    Effect.objects.create(
+        tag=tag, n=n, task_id=request.id, retries=request.retries or 0, pid=os.getpid()
+    )
+
+
+def _body(task, tag, n, sleep=0.0, kill=None, effect_first=False, fail=False):
     request = task.request
     with open(run_log(tag), "a") as fh:
         fh.write(f"start {n} {request.id} {request.retries} {os.getpid()} {time.time()}\n")
     if kill == "before_effect":
         _kill_once(tag, n, kill)
+    if kill == "always":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if effect_first:
+        _effect(request, tag, n)
     if sleep:
         time.sleep(sleep)
-    Effect.objects.create(
-        tag=tag, n=n, task_id=request.id, retries=request.retries or 0, pid=os.getpid()
-    )
+    if fail:
+        raise ValueError("the body fails for good")
+    if not effect_first:
+        _effect(request, tag, n)
     if kill == "after_effect":
         _kill_once(tag, n, kill)
     with open(run_log(tag), "a") as fh:
@@ -59,19 +79,19 @@ def _body(task, tag, n, sleep=0.0, kill=None):
 
 
 @shared_task(bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def plain_effect(self, tag, n, sleep=0.0, kill=None):
+def plain_effect(self, tag, n, **options):
     """The control: the same body with the same delivery settings, without dedup."""
-    return _body(self, tag, n, sleep, kill)
+    return _body(self, tag, n, **options)
 
 
 @shared_task(bind=True, base=DedupTask, ignore_result=True, dedup_processing_timeout=LEASE)
-def status_effect(self, tag, n, sleep=0.0, kill=None):
-    return _body(self, tag, n, sleep, kill)
+def status_effect(self, tag, n, **options):
+    return _body(self, tag, n, **options)
 
 
 @shared_task(bind=True, base=DedupTask, ignore_result=True, dedup_transactional=True)
-def tx_effect(self, tag, n, sleep=0.0, kill=None):
-    return _body(self, tag, n, sleep, kill)
+def tx_effect(self, tag, n, **options):
+    return _body(self, tag, n, **options)
 
 
 @task_postrun.connect
@@ -80,6 +100,20 @@ def _kill_in_postrun(sender=None, kwargs=None, **extra):
     kwargs = kwargs or {}
     if kwargs.get("kill") == "postrun":
         _kill_once(kwargs["tag"], kwargs["n"], "postrun")
+
+
+@task_prerun.connect
+def _kill_in_prerun(sender=None, kwargs=None, **extra):
+    kwargs = kwargs or {}
+    if kwargs.get("kill") == "prerun":
+        _kill_once(kwargs["tag"], kwargs["n"], "prerun")
+
+
+@receiver(message_claimed)
+def _kill_when_claimed(sender=None, **extra):
+    kwargs = sender.request.kwargs or {}
+    if kwargs.get("kill") == "claimed":
+        _kill_once(kwargs["tag"], kwargs["n"], "claimed")
 
 
 @shared_task(
@@ -115,3 +149,56 @@ def order_result(self, order_no, note=""):
 def id_result(self, value):
     """A task-id-keyed task for result-backend checks."""
     return {"value": value, "task_id": self.request.id}
+
+
+DB_ERRORS = (OperationalError, InterfaceError)
+
+
+@shared_task(
+    bind=True,
+    base=DedupTask,
+    ignore_result=True,
+    dedup_processing_timeout=LEASE,
+    autoretry_for=DB_ERRORS,
+    retry_kwargs={"max_retries": 60, "countdown": 1},
+)
+def status_autoretry(self, tag, n, **options):
+    """A status-mode task that retries its own database errors, as users should."""
+    return _body(self, tag, n, **options)
+
+
+@shared_task(
+    bind=True,
+    base=DedupTask,
+    ignore_result=True,
+    dedup_transactional=True,
+    autoretry_for=DB_ERRORS,
+    retry_kwargs={"max_retries": 60, "countdown": 1},
+)
+def tx_autoretry(self, tag, n, **options):
+    """A transactional task that retries its own database errors."""
+    return _body(self, tag, n, **options)
+
+
+@shared_task(
+    bind=True,
+    base=DedupTask,
+    ignore_result=True,
+    dedup_processing_timeout=2,
+    dedup_heartbeat_interval=0.5,
+)
+def slow_heartbeat(self, tag, n, **options):
+    """A body longer than its two-second lease, kept alive by the heartbeat."""
+    return _body(self, tag, n, **options)
+
+
+@shared_task(
+    bind=True,
+    base=DedupTask,
+    ignore_result=True,
+    dedup_processing_timeout=2,
+    dedup_heartbeat_interval=None,
+)
+def slow_no_heartbeat(self, tag, n, **options):
+    """The same without a heartbeat: the control that loses its lease."""
+    return _body(self, tag, n, **options)
