@@ -2,14 +2,14 @@
 #   make demo   the example project on embedded defaults (SQLite, a file-based broker)
 #   make test   the whole test suite, on throwaway PostgreSQL and Redis servers
 # Both create .venv and install what they need; 'make test' also installs
-# redis-server from the distribution when it is missing.
+# Debian's redis-server when it is missing.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test demo lint tox constraints redis-server clean bench-latency
+.PHONY: test demo lint tox constraints packages clean bench-latency
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,10 +17,10 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 		-c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-redis-server:
-	@command -v redis-server >/dev/null 2>&1 || sh .ci/install-redis-server
+packages:
+	@sh .ci/install-packages
 
-test: $(STAMP) redis-server
+test: $(STAMP) packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
@@ -33,7 +33,7 @@ lint: $(STAMP)
 # The Django/Python/Celery matrix of tox.ini. pyenv's interpreters are callable
 # only once pyenv selects them; put each installed version's own bin folder on
 # PATH for this run instead, so tox finds python3.10 ... python3.13 as they are.
-tox: $(STAMP) redis-server
+tox: $(STAMP) packages
 	PATH="$$(for v in $$(pyenv versions --bare 2>/dev/null | sort -rV); do \
 		printf '%s:' "$$(pyenv root)/versions/$$v/bin"; done)$$PATH" $(BIN)/tox $(TOX_ARGS)
 
@@ -44,5 +44,5 @@ constraints: $(STAMP)
 clean:
 	rm -rf $(VENV) .tox build *.egg-info artifacts example_project/var
 
-bench-latency: $(STAMP) redis-server
+bench-latency: $(STAMP) packages
 	$(BIN)/python benchmarks/latency.py

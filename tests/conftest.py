@@ -64,6 +64,7 @@ def start_worker(django_db_setup, celery_broker, redis_url, postgres_server):
         broker_url=None,
         dedup=None,
         env=None,
+        queue=None,
     ):
         env = {
             **(env or {}),
@@ -75,7 +76,7 @@ def start_worker(django_db_setup, celery_broker, redis_url, postgres_server):
             "DEDUP_TEST_PG_NAME": connections["default"].settings_dict["NAME"],
             "DEDUP_TEST_VISIBILITY_TIMEOUT": str(visibility_timeout or ""),
         }
-        worker = Worker(name, queue=f"q-{name}", env=env, concurrency=concurrency)
+        worker = Worker(name, queue=queue or f"q-{name}", env=env, concurrency=concurrency)
         started.append(worker)
         return worker.start()
 

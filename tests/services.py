@@ -8,6 +8,7 @@ owns. As an ordinary user it runs as that user.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import glob
 import os
 import pwd
@@ -127,8 +128,8 @@ class Worker:
         self.log_path = Path(os.environ["DEDUP_TEST_TMP"]) / f"worker-{name}.log"
         self.env = {
             **os.environ,
-            **env,
             "PYTHONPATH": str(REPO),
+            **env,
             "DJANGO_SETTINGS_MODULE": "tests.settings",
         }
         self.concurrency = concurrency
@@ -138,6 +139,7 @@ class Worker:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         # A restarted worker appends to the same log: look for "ready" after this point.
         self._log_start = self._log.tell()
+        self.started_at = datetime.datetime.now()
         self.process = subprocess.Popen(
             [
                 sys.executable,

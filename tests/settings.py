@@ -8,7 +8,10 @@ import json
 import os
 import tempfile
 
-TMP_DIR = os.environ.setdefault("DEDUP_TEST_TMP", tempfile.mkdtemp(prefix="dedup-celery-tests-"))
+# Worker processes inherit the test session's folder; only the session makes one.
+TMP_DIR = os.environ.get("DEDUP_TEST_TMP") or os.environ.setdefault(
+    "DEDUP_TEST_TMP", tempfile.mkdtemp(prefix="dedup-celery-tests-")
+)
 
 SECRET_KEY = "tests-only-not-secret"
 DEBUG = False

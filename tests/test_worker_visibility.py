@@ -83,3 +83,52 @@ def test_e_countdown_longer_than_the_visibility_timeout(
             "lost": 0,
         }
     )
+
+
+@pytest.mark.parametrize("mode", ["plain", "status", "status-redis"])
+def test_stale_copies_do_not_run_after_the_original_failed_for_good(
+    workers, stores, mode, redis_url, report_scenario
+):
+    """Fault 9: visibility-timeout copies rescheduled while the original ran meet its FAILED
+    record (same task id, same attempt) and are skipped instead of running the body again."""
+    from tests.celery_app import app
+
+    kind = "redis" if mode.endswith("redis") else "db"
+    worker, store = workers[kind], stores[kind]
+    task, task_id, tag = TASKS[mode], new_id(), f"stale-{mode}-{new_id()[:8]}"
+    with app.connection_for_write(f"{redis_url}/{BROKER_DB}") as connection:
+        task.apply_async(
+            kwargs={"tag": tag, "n": 1, "sleep": 2, "fail": True},
+            task_id=task_id,
+            queue=worker.queue,
+            countdown=COUNTDOWN,
+            connection=connection,
+        )
+    if mode == "plain":
+        wait_until(lambda: len(starts(tag)) >= 2, timeout=COUNTDOWN * 4, what="the control")
+        settle(3)
+        duplicates = 0
+    else:
+        wait_until(
+            lambda: (found := record(task, task_id, store)) is not None and found.skipped >= 1,
+            timeout=COUNTDOWN * 5,
+            what="a stale copy to be skipped",
+        )
+        settle(4)
+        found = record(task, task_id, store)
+        assert found.status == "failed"
+        assert len(starts(tag)) == 1
+        assert f"[{task_id}]: stale copy skipped" in worker.log_text()
+        duplicates = found.skipped
+    assert effects(tag) == 0
+    report_scenario(
+        {
+            "scenario": "stale copies",
+            "task": mode,
+            "messages": 1,
+            "body runs": len(starts(tag)),
+            "effects": 0,
+            "duplicates": duplicates,
+            "lost": 0,
+        }
+    )

@@ -1,0 +1,105 @@
+"""Fault 6: workers whose clocks are ten minutes off make the same dedup decisions.
+
+Two workers share one queue, one ten minutes ahead and one ten minutes behind,
+so a lease one of them claims is judged by the other. Their clocks are shifted
+inside Python (tests/clockskew/sitecustomize.py): Debian's libfaketime 0.9.10
+breaks Python's time.sleep, so it cannot run a worker. Leases are
+computed and compared by the store's clock (PostgreSQL, Redis), so the copies of
+a running message are rescheduled, never taken over. On SQLite the database
+clock is the worker's own clock, so SQLite is not part of this test. Celery's own
+ETA and countdown arithmetic uses the worker's clock and is out of scope.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+import time
+
+import pytest
+
+from dedup_celery.backends.base import Status
+from tests.scenario import effects, new_id, record, settle, starts, wait_until
+from tests.services import REPO
+from tests.testapp.tasks import status_effect, tx_effect
+
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+
+SKEW = 600
+
+
+def skewed(seconds: int) -> dict[str, str]:
+    return {
+        "DEDUP_TEST_CLOCK_SKEW": str(seconds),
+        "PYTHONPATH": f"{REPO / 'tests' / 'clockskew'}:{REPO}",
+    }
+
+
+def worker_clock_offset(worker) -> float:
+    """Seconds between the worker's log clock and this process's clock at its start."""
+    first = re.search(
+        r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+: INFO/MainProcess\] Connected", worker.log_text()
+    )
+    logged = datetime.datetime.strptime(first.group(1), "%Y-%m-%d %H:%M:%S")
+    return (logged - worker.started_at).total_seconds()
+
+
+@pytest.fixture(scope="module")
+def skewed_pairs(start_worker, stores):
+    pairs = {}
+    for kind, store_url in (("db", ""), ("redis", stores["redis_url"])):
+        queue = f"q-skew-{kind}"
+        ahead = start_worker(
+            f"ahead-{kind}", concurrency=2, store_url=store_url, env=skewed(SKEW), queue=queue
+        )
+        behind = start_worker(
+            f"behind-{kind}", concurrency=2, store_url=store_url, env=skewed(-SKEW), queue=queue
+        )
+        pairs[kind] = (ahead, behind)
+    return pairs
+
+
+@pytest.mark.parametrize(
+    ("mode", "kind"), [("status", "db"), ("transactional", "db"), ("status-redis", "redis")]
+)
+def test_workers_ten_minutes_apart_make_the_same_decisions(
+    skewed_pairs, stores, mode, kind, report_scenario
+):
+    ahead, behind = skewed_pairs[kind]
+    # The control: the fault is real, the workers' clocks are off by ten minutes.
+    assert abs(worker_clock_offset(ahead) - SKEW) < 30
+    assert abs(worker_clock_offset(behind) + SKEW) < 30
+    task = tx_effect if mode == "transactional" else status_effect
+    store = stores[kind]
+    tag = f"skew-{mode}-{new_id()[:8]}"
+    ids = {n: new_id() for n in range(4)}
+    for n, task_id in ids.items():
+        task.apply_async(
+            kwargs={"tag": tag, "n": n, "sleep": 3}, task_id=task_id, queue=ahead.queue
+        )
+    time.sleep(1)
+    for n, task_id in ids.items():  # copies while the originals run
+        task.apply_async(
+            kwargs={"tag": tag, "n": n, "sleep": 3}, task_id=task_id, queue=ahead.queue
+        )
+
+    def finished():
+        found = [record(task, task_id, store) for task_id in ids.values()]
+        return all(r is not None and r.status == Status.CONSUMED and r.skipped >= 1 for r in found)
+
+    wait_until(finished, timeout=60, what="every message and its copy")
+    settle(2)
+    assert effects(tag) == len(ids)
+    assert len(starts(tag)) == len(ids)
+    assert all(record(task, task_id, store).takeovers == 0 for task_id in ids.values())
+    report_scenario(
+        {
+            "scenario": "clock ±10 min",
+            "task": mode,
+            "messages": 2 * len(ids),
+            "body runs": len(starts(tag)),
+            "effects": effects(tag),
+            "duplicates": len(ids),
+            "lost": 0,
+        }
+    )
