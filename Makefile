@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test demo lint tox constraints packages clean bench-latency
+.PHONY: test demo soak lint tox constraints packages clean bench-latency
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP) packages
 
 demo: $(STAMP)
 	$(BIN)/python example_project/demo.py
+
+# The load test with 50 000 messages instead of 5 000 (not run by CI).
+soak: $(STAMP) packages
+	DEDUP_LOAD_MESSAGES=50000 $(BIN)/python -m pytest tests/test_load.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -325,7 +325,11 @@ def _task_messages(app: Any, tasks: Iterable[Any]) -> Iterable[checks.CheckMessa
 
 
 def log_check_messages(**kwargs: Any) -> None:
-    """Log dedup_celery's check messages (Celery's worker runs checks but drops the output)."""
+    """Log dedup_celery's check messages (Celery's worker runs checks but drops the output).
+
+    Also says, at ERROR, when the message table is missing: every message would
+    be rescheduled until the migrations run.
+    """
     from django.core.checks import run_checks
 
     try:
@@ -336,3 +340,18 @@ def log_check_messages(**kwargs: Any) -> None:
     for message in messages:
         level = logging.ERROR if message.is_serious() else logging.WARNING
         logger.log(level, "%s", message)
+    if any(message.is_serious() for message in messages):
+        return
+    from dedup_celery.backends import get_backend
+
+    backend = get_backend()
+    table_exists = getattr(backend, "table_exists", None)
+    try:
+        if table_exists is not None and not table_exists():
+            logger.error(
+                "dedup_celery: the message table does not exist in the %s. Every DedupTask "
+                "message is rescheduled until you run 'python manage.py migrate dedup_celery'.",
+                backend.describe(),
+            )
+    except Exception as exc:
+        logger.warning("dedup_celery: could not look for the message table: %s", exc)

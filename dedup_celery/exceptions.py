@@ -42,5 +42,9 @@ class StorageError(DedupError):
     """The message store could not be reached or refused a statement."""
 
 
+class MissingTableError(StorageError):
+    """The message table does not exist: the migrations were not run on that database."""
+
+
 class DedupConfigurationError(ImproperlyConfigured):
     """``settings.DEDUP_CELERY`` or a task's dedup options cannot work."""

@@ -26,6 +26,7 @@ from dedup_celery.exceptions import (
     DedupError,
     DedupKeyError,
     DuplicateInFlightError,
+    MissingTableError,
     OuterTransactionError,
     PoisonMessageError,
     StorageError,
@@ -599,7 +600,10 @@ class DedupTask(DjangoTask):
                 f"{self.name}[{claim.task_id}]: the message store failed during {phase}, and an "
                 f"eager call cannot be rescheduled: {exc}"
             ) from exc
-        logger.warning(
+        # A missing table is a deployment error, not an outage: say it loudly.
+        level = logging.ERROR if isinstance(exc, MissingTableError) else logging.WARNING
+        logger.log(
+            level,
             "%s[%s]: the message store failed during %s (%s); the body did not run unclaimed. "
             "Rescheduled in %s s.",
             self.name,

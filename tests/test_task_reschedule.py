@@ -172,3 +172,39 @@ def test_a_reschedule_that_cannot_be_published_requeues_the_message(unreachable_
     assert trace.info.state == "REJECTED"
     assert trace.info.retval.requeue is True
     assert RUNS == []
+
+
+@pytest.fixture
+def database_without_the_table(django_db_blocker, tmp_path):
+    """A real SQLite database on which the migrations were never run."""
+    django_db_blocker.unblock()
+    connections.settings["unmigrated"] = {
+        **connections["sqlite"].settings_dict,
+        "NAME": str(tmp_path / "unmigrated.sqlite3"),
+    }
+    try:
+        with override_settings(DEDUP_CELERY={"DATABASE": "unmigrated", "RETRY_COUNTDOWN": 1}):
+            yield "unmigrated"
+    finally:
+        connections["unmigrated"].close()
+        del connections["unmigrated"]
+        del connections.settings["unmigrated"]
+        django_db_blocker.restore()
+
+
+def test_a_missing_table_is_an_error_that_names_migrate_and_loses_nothing(
+    database_without_the_table, celery_broker, caplog
+):
+    from dedup_celery.checks import log_check_messages
+
+    task_id = str(uuid.uuid4())
+    trace = run_as_worker(reschedulable, task_id, [1], {}, queue="q-unit-unmigrated")
+    assert trace.info.state == "IGNORED"
+    assert RUNS == []
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert any("manage.py migrate dedup_celery" in r.getMessage() for r in errors)
+    with app.connection_for_read() as connection:
+        assert read_queue(connection, "q-unit-unmigrated").headers["id"] == task_id
+    caplog.clear()
+    log_check_messages(sender=None)
+    assert "the message table does not exist" in caplog.text

@@ -48,7 +48,7 @@ from dedup_celery.backends.base import (
     Verdict,
     outcome_for,
 )
-from dedup_celery.exceptions import StorageError
+from dedup_celery.exceptions import MissingTableError, StorageError
 from dedup_celery.keys import display_key
 from dedup_celery.models import DedupRecord
 
@@ -206,12 +206,26 @@ def _storage_errors(method: Callable[..., T]) -> Callable[..., T]:
             if not connection.in_atomic_block:
                 # Drop a broken connection now, so a retry opens a fresh one.
                 connection.close_if_unusable_or_obsolete()
+            if _is_missing_table(exc):
+                raise MissingTableError(
+                    f"the message table {DedupRecord._meta.db_table} does not exist on database "
+                    f"{self.alias!r}: run 'python manage.py migrate dedup_celery' "
+                    f"(--database {self.alias} if it is not the default). ({exc})".strip()
+                ) from exc
             raise StorageError(
                 f"the message table on database {self.alias!r} failed: "
                 f"{type(exc).__name__}: {exc}".strip()
             ) from exc
 
     return wrapper
+
+
+def _is_missing_table(exc: Exception) -> bool:
+    """True if *exc* says the message table does not exist (PostgreSQL, SQLite, MySQL)."""
+    text = str(exc).lower()
+    return DedupRecord._meta.db_table in text and (
+        "does not exist" in text or "no such table" in text or "doesn't exist" in text
+    )
 
 
 def advisory_lock_key(scope: str, key_digest: str) -> int:
@@ -727,6 +741,13 @@ class DatabaseBackend(BaseBackend):
         """Open the transaction that holds a transactional claim and the task body."""
         with transaction.atomic(using=self.alias):
             yield
+
+    def table_exists(self) -> bool:
+        """True if the message table exists on the backend's database (one catalogue query)."""
+        connection = connections[self.alias]
+        with connection.cursor() as cursor:
+            tables = connection.introspection.table_names(cursor)
+        return DedupRecord._meta.db_table in tables
 
     def in_outer_transaction(self) -> bool:
         """True if the message table's connection is already inside an atomic block."""
