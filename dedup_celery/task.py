@@ -280,11 +280,8 @@ class DedupTask(DjangoTask):
             raise
         except Reject as exc:
             self._stop_heartbeat(heartbeat)
-            if exc.requeue:
-                # The same message comes back and must run again.
-                self._after_failure(backend, claim, requeued=True)
-            else:
-                self._after_failure(backend, claim, requeued=False)
+            # A requeued message comes back as the same delivery and must run again.
+            self._after_failure(backend, claim, requeued=bool(exc.requeue))
             raise
         except BaseException:
             self._stop_heartbeat(heartbeat)

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import time
-import uuid
 
 import pytest
 from django.contrib.auth.models import Permission, User
 from django_celery_results.models import TaskResult
 
 from dedup_celery import get_backend, signals
-from dedup_celery.backends.base import Claim
-from dedup_celery.identity import current_identity
-from dedup_celery.keys import digest
 from dedup_celery.models import DedupRecord
+from tests.claims import make_claim
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -21,17 +18,13 @@ URL = "/admin/dedup_celery/deduprecord/"
 
 
 def claim(key, *, lease=60.0, owner=None):
-    made = Claim(
+    made = make_claim(
+        key,
         scope="admin.task",
-        key=key,
-        key_digest=digest(key),
-        owner=owner or uuid.uuid4().hex,
-        task_id=f"tid-{key}",
         task_name="admin.task",
-        attempt=0,
-        identity=current_identity(),
-        lease_seconds=lease,
-        record_ttl=3600,
+        task_id=f"tid-{key}",
+        owner=owner,
+        lease=lease,
     )
     get_backend().claim(made)
     return made

@@ -18,11 +18,12 @@ import uuid
 import pytest
 from django.db import connections
 
-from dedup_celery.backends.base import Claim, OwnerIdentity, Status, Verdict
+from dedup_celery.backends.base import OwnerIdentity, Status, Verdict
 from dedup_celery.backends.db import DatabaseBackend
 from dedup_celery.backends.redis import RedisBackend
 from dedup_celery.identity import current_identity
 from dedup_celery.keys import digest
+from tests.claims import make_claim
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "sqlite"])
 
@@ -49,33 +50,6 @@ def backend(request):
     instance = DatabaseBackend(database=alias)
     instance._force_generic = portable
     yield instance
-
-
-def make_claim(
-    key="k-1",
-    *,
-    scope=SCOPE,
-    lease=60.0,
-    ttl=3600.0,
-    task_id=None,
-    owner=None,
-    attempt=0,
-    cap=5,
-    identity=None,
-):
-    return Claim(
-        scope=scope,
-        key=key,
-        key_digest=digest(key),
-        owner=owner or uuid.uuid4().hex,
-        task_id=task_id or str(uuid.uuid4()),
-        task_name="tests.task",
-        attempt=attempt,
-        identity=identity or current_identity(),
-        lease_seconds=lease,
-        record_ttl=ttl,
-        max_takeovers=cap,
-    )
 
 
 def store_now(backend):

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 
 import pytest
 from django.db import connections, transaction
 
-from dedup_celery.backends.base import Claim, Status, Verdict
+from dedup_celery.backends.base import Status, Verdict
 from dedup_celery.backends.db import DatabaseBackend
 from dedup_celery.exceptions import StorageError
 from dedup_celery.identity import current_identity
 from dedup_celery.keys import digest
 from dedup_celery.models import DedupRecord
+from tests.claims import make_claim
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "sqlite"])
 
@@ -38,21 +38,6 @@ def backend(request):
     instance._force_generic = portable
     instance.variant = request.param
     return instance
-
-
-def make_claim(key="k-1", *, scope="scope-a", lease=60.0, ttl=3600.0, task_id=None, owner=None):
-    return Claim(
-        scope=scope,
-        key=key,
-        key_digest=digest(key),
-        owner=owner or uuid.uuid4().hex,
-        task_id=task_id or str(uuid.uuid4()),
-        task_name="tests.task",
-        attempt=0,
-        identity=current_identity(),
-        lease_seconds=lease,
-        record_ttl=ttl,
-    )
 
 
 def row(backend, claim):

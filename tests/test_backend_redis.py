@@ -14,28 +14,14 @@ import pytest
 from django.test import override_settings
 
 from dedup_celery import DedupConfigurationError, DedupTask, StorageError
-from dedup_celery.backends.base import Claim, Verdict
+from dedup_celery.backends.base import Verdict
 from dedup_celery.backends.redis import RedisBackend
 from dedup_celery.checks import check_backend_durability, check_settings
 from dedup_celery.identity import current_identity
 from dedup_celery.keys import digest
 from tests.celery_app import app
+from tests.claims import make_claim
 from tests.services import REPO
-
-
-def make_claim(key="k-1", *, scope="scope-r", lease=60.0, ttl=3600.0, owner=None):
-    return Claim(
-        scope=scope,
-        key=key,
-        key_digest=digest(key),
-        owner=owner or uuid.uuid4().hex,
-        task_id=str(uuid.uuid4()),
-        task_name="tests.task",
-        attempt=0,
-        identity=current_identity(),
-        lease_seconds=lease,
-        record_ttl=ttl,
-    )
 
 
 @pytest.fixture

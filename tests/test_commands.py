@@ -11,27 +11,14 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from dedup_celery import get_backend
-from dedup_celery.backends.base import Claim
-from dedup_celery.identity import current_identity
-from dedup_celery.keys import digest
 from dedup_celery.models import DedupRecord
 from dedup_celery.tasks import purge_expired
+from tests.claims import make_claim
 
 
 def make(key, lease):
     get_backend().claim(
-        Claim(
-            scope="cmd",
-            key=key,
-            key_digest=digest(key),
-            owner=uuid.uuid4().hex,
-            task_id=key,
-            task_name="cmd",
-            attempt=0,
-            identity=current_identity(),
-            lease_seconds=lease,
-            record_ttl=60,
-        )
+        make_claim(key, scope="cmd", task_name="cmd", task_id=key, lease=lease, ttl=60)
     )
 
 
@@ -82,18 +69,7 @@ def any_backend(request, settings):
 
 
 def claim_on(backend, key, lease):
-    made = Claim(
-        scope="cmd",
-        key=key,
-        key_digest=digest(key),
-        owner=uuid.uuid4().hex,
-        task_id=f"tid-{key}",
-        task_name="cmd",
-        attempt=0,
-        identity=current_identity(),
-        lease_seconds=lease,
-        record_ttl=60,
-    )
+    made = make_claim(key, scope="cmd", task_name="cmd", task_id=f"tid-{key}", lease=lease, ttl=60)
     backend.claim(made)
     return made
 

@@ -12,33 +12,30 @@ import uuid
 
 import pytest
 
-from dedup_celery.backends.base import Claim, OwnerIdentity, Record, Status
+from dedup_celery.backends.base import OwnerIdentity, Record, Status
 from dedup_celery.backends.db import DatabaseBackend
 from dedup_celery.identity import current_identity, process_start_ticks
-from dedup_celery.keys import digest
 from dedup_celery.recovery import (
     Heartbeat,
     earlier_attempt_is_over,
     owner_is_gone,
     running_body,
 )
+from tests.claims import make_claim as base_claim
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def make_claim(lease, identity=None):
     key = uuid.uuid4().hex
-    return Claim(
+    return base_claim(
+        key,
         scope="recovery",
-        key=key,
-        key_digest=digest(key),
-        owner=uuid.uuid4().hex,
-        task_id=key,
         task_name="recovery",
-        attempt=0,
-        identity=identity or current_identity(),
-        lease_seconds=lease,
-        record_ttl=60,
+        task_id=key,
+        lease=lease,
+        ttl=60,
+        identity=identity,
     )
 
 

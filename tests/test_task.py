@@ -29,11 +29,12 @@ from dedup_celery import (
     get_backend,
     signals,
 )
-from dedup_celery.backends.base import Claim, OwnerIdentity, Verdict
+from dedup_celery.backends.base import OwnerIdentity, Verdict
 from dedup_celery.identity import current_identity, process_start_ticks
 from dedup_celery.keys import digest
 from dedup_celery.models import DedupRecord
 from tests.celery_app import app
+from tests.claims import ELSEWHERE, make_claim
 from tests.services import REPO
 from tests.testapp.models import Effect
 
@@ -83,17 +84,8 @@ def failing(self, mode):
 def _rival_claim(task):
     """Another delivery (elsewhere) tries the running message's key."""
     key = task.request.id
-    claim = Claim(
-        scope=task.name,
-        key=key,
-        key_digest=digest(key),
-        owner=uuid.uuid4().hex,
-        task_id=key,
-        task_name=task.name,
-        attempt=0,
-        identity=ELSEWHERE,
-        lease_seconds=60,
-        record_ttl=60,
+    claim = make_claim(
+        key, scope=task.name, task_name=task.name, task_id=key, ttl=60, identity=ELSEWHERE
     )
     return get_backend().claim(claim).verdict
 
@@ -144,17 +136,8 @@ def tx(self, tag, mode="ok"):
 def slow_lease(self):
     time.sleep(0.4)
     # Another delivery takes the expired lease over while this body still runs.
-    rival = Claim(
-        scope=self.name,
-        key=self.request.id,
-        key_digest=digest(self.request.id),
-        owner=uuid.uuid4().hex,
-        task_id=self.request.id,
-        task_name=self.name,
-        attempt=0,
-        identity=current_identity(),
-        lease_seconds=60,
-        record_ttl=60,
+    rival = make_claim(
+        self.request.id, scope=self.name, task_name=self.name, task_id=self.request.id, ttl=60
     )
     assert get_backend().claim(rival).verdict is Verdict.TAKEN_OVER
     return "done"
@@ -277,26 +260,17 @@ def test_a_direct_call_is_a_plain_function_call():
 
 def hold(task, key, identity, *, lease=60.0):
     """Claim *key* for *task* as the process *identity* would."""
-    claim = Claim(
+    claim = make_claim(
+        key,
         scope=task.name,
-        key=key,
-        key_digest=digest(key),
-        owner=uuid.uuid4().hex,
-        task_id=key,
         task_name=task.name,
-        attempt=0,
+        task_id=key,
+        lease=lease,
+        ttl=60,
         identity=identity,
-        lease_seconds=lease,
-        record_ttl=60,
     )
     get_backend().claim(claim)
     return claim
-
-
-#: A process on another machine: nothing here can judge whether it is alive.
-ELSEWHERE = OwnerIdentity(
-    hostname="elsewhere", pid=1, process_start=1, boot_id="another-boot-id", pid_namespace="pid:[1]"
-)
 
 
 def test_eager_duplicate_of_a_message_in_flight_raises_instead_of_rescheduling():

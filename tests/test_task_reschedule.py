@@ -16,10 +16,10 @@ from django.db import connections
 from django.test import override_settings
 
 from dedup_celery import DedupTask, get_backend, signals
-from dedup_celery.backends.base import Claim, OwnerIdentity
 from dedup_celery.keys import digest
 from dedup_celery.models import DedupRecord
 from tests.celery_app import app
+from tests.claims import ELSEWHERE, make_claim
 
 RUNS: list[str] = []
 
@@ -56,17 +56,13 @@ def read_queue(connection, queue):
 
 def claim_for(task, task_id):
     """A claim held by a process on another machine (so it is never judged gone)."""
-    return Claim(
+    return make_claim(
+        task_id,
         scope=task.name,
-        key=task_id,
-        key_digest=digest(task_id),
-        owner=uuid.uuid4().hex,
-        task_id=task_id,
         task_name=task.name,
-        attempt=0,
-        identity=OwnerIdentity("elsewhere", 1, 1, "another-boot-id", "pid:[1]"),
-        lease_seconds=60,
-        record_ttl=60,
+        task_id=task_id,
+        ttl=60,
+        identity=ELSEWHERE,
     )
 
 

@@ -54,7 +54,7 @@ from dedup_celery.models import DedupRecord
 
 T = TypeVar("T")
 
-# Columns a claim writes, in the order of the INSERT.
+# Columns a claim writes, in the order of the INSERT (and of :class:`Record`).
 _CLAIM_COLUMNS = (
     "scope",
     "key",
@@ -101,33 +101,8 @@ _TAKEOVER_COLUMNS = (
     "result",
     "payload_digest",
 )
-# Columns every read returns, in the order of :class:`Record` (less the computed flag).
-_RECORD_COLUMNS = (
-    "scope",
-    "key",
-    "key_digest",
-    "status",
-    "owner",
-    "task_id",
-    "task_name",
-    "attempt",
-    "hostname",
-    "pid",
-    "process_start",
-    "boot_id",
-    "pid_namespace",
-    "created_at",
-    "updated_at",
-    "expires_at",
-    "consumed_at",
-    "heartbeat_at",
-    "skipped",
-    "rescheduled",
-    "takeovers",
-    "last_duplicate_at",
-    "result",
-    "payload_digest",
-)
+# Columns every read returns: the same, which is also the order of :class:`Record`.
+_RECORD_COLUMNS = _CLAIM_COLUMNS
 _DATETIME_COLUMNS = frozenset(
     ("created_at", "updated_at", "expires_at", "consumed_at", "heartbeat_at", "last_duplicate_at")
 )
