@@ -1,4 +1,4 @@
-"""Orders and the inventory they take from."""
+"""Orders, and the inventory they take from."""
 
 from django.db import models
 
@@ -9,25 +9,17 @@ class Inventory(models.Model):
     good_id = models.CharField(max_length=50, unique=True)
     count = models.IntegerField()
 
+    class Meta:
+        verbose_name_plural = "inventory"
+
     def __str__(self):
         return f"{self.good_id}: {self.count}"
 
 
 class Order(models.Model):
-    """A placed order; ``order_no`` is unique, as in the order service's table."""
+    """A placed order. ``order_no`` is unique, as in any order table."""
 
     order_no = models.CharField(max_length=50, unique=True)
-    good_id = models.CharField(max_length=50)
-    created_at = models.DateTimeField(auto_now_add=True)
-
-    def __str__(self):
-        return self.order_no
-
-
-class PlainOrder(models.Model):
-    """The same as Order, without the unique constraint: where the plain task's duplicates land."""
-
-    order_no = models.CharField(max_length=50)
     good_id = models.CharField(max_length=50)
     created_at = models.DateTimeField(auto_now_add=True)
 
