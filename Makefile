@@ -2,7 +2,7 @@
 #   make demo   the example project on embedded defaults (SQLite, a file-based broker)
 #   make test   the whole test suite, on throwaway PostgreSQL and Redis servers
 # Both create .venv and install what they need; 'make test' also installs
-# Debian's redis-server when it is missing.
+# Debian's redis-server, chromium and chromium-driver when they are missing.
 
 PYTHON ?= python3
 VENV ?= .venv

@@ -1,0 +1,105 @@
+"""The admin in a real browser: headless Chromium logs in, filters, and releases a record.
+
+Debian's chromium and chromium-driver are used by path (make test installs them);
+nothing is downloaded. Screenshots go to artifacts/browser/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from django.contrib.auth.models import User
+
+from dedup_celery import get_backend
+from dedup_celery.models import DedupRecord
+from tests.claims import make_claim
+from tests.services import REPO
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+ARTIFACTS = REPO / "artifacts" / "browser"
+
+
+@pytest.fixture
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    for path in (CHROMIUM, CHROMEDRIVER):
+        assert Path(path).exists(), (
+            f"{path} is missing: install Debian's chromium and chromium-driver"
+        )
+    profile = tempfile.mkdtemp(prefix="dedup-celery-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-quic",
+        "--no-first-run",
+        "--window-size=1400,1000",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.implicitly_wait(5)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def shot(driver, name):
+    driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
+
+
+def test_an_operator_filters_and_releases_an_expired_processing_record(live_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    User.objects.create_superuser("operator", "op@example.com", "correct horse")
+    backend = get_backend()
+    expired = make_claim("stuck-order", scope="shop.place", task_name="shop.place", lease=0.2)
+    live = make_claim("running-order", scope="shop.place", task_name="shop.place", lease=600)
+    done = make_claim("done-order", scope="shop.place", task_name="shop.place")
+    for claim in (expired, live, done):
+        backend.claim(claim)
+    backend.complete(done, None)
+    time.sleep(0.4)
+
+    browser.get(f"{live_server.url}/admin/login/")
+    browser.find_element(By.NAME, "username").send_keys("operator")
+    browser.find_element(By.NAME, "password").send_keys("correct horse")
+    browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+    browser.get(f"{live_server.url}/admin/dedup_celery/deduprecord/")
+    shot(browser, "1-changelist")
+    assert "done-order" in browser.page_source
+
+    browser.find_element(By.LINK_TEXT, "processing").click()  # the status filter
+    assert "status__exact=processing" in browser.current_url
+    assert "done-order" not in browser.page_source
+    assert "stuck-order" in browser.page_source
+    shot(browser, "2-filtered")
+
+    pk = DedupRecord.objects.get(key="stuck-order").pk
+    browser.find_element(By.CSS_SELECTOR, f"input[name=_selected_action][value='{pk}']").click()
+    Select(browser.find_element(By.NAME, "action")).select_by_value("release_records")
+    browser.find_element(By.NAME, "index").click()
+    assert expired.owner in browser.page_source  # the owner the release compares against
+    shot(browser, "3-confirm")
+    browser.find_element(By.CSS_SELECTOR, "form input[type=submit][value=Release]").click()
+    shot(browser, "4-released")
+    assert "1 record(s) released" in browser.page_source
+    assert not DedupRecord.objects.filter(key="stuck-order").exists()
+    assert DedupRecord.objects.filter(key="running-order").exists()
