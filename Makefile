@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test demo soak lint tox constraints packages clean bench-latency
+.PHONY: test demo soak lint tox constraints packages clean bench bench-latency
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,3 +50,7 @@ clean:
 
 bench-latency: $(STAMP) packages
 	$(BIN)/python benchmarks/latency.py
+
+# Every benchmark in one run (several minutes; not part of CI). See BENCHMARKS.md.
+bench: $(STAMP) packages
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)

@@ -1,19 +1,33 @@
-"""Django settings for the benchmark scripts (services started by the scripts themselves)."""
+"""Django settings for the benchmark scripts (they start their own servers and pass ports)."""
 
 import os
 
 SECRET_KEY = "benchmarks-only"
 USE_TZ = True
-INSTALLED_APPS = ["django.contrib.contenttypes", "django.contrib.auth", "dedup_celery"]
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "dedup_celery",
+    "benchmarks.benchapp",
+]
 DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.postgresql",
         "HOST": "127.0.0.1",
         "PORT": os.environ.get("DEDUP_BENCH_PG_PORT", "5432"),
-        "NAME": "postgres",
+        "NAME": os.environ.get("DEDUP_BENCH_PG_NAME", "postgres"),
         "USER": "postgres",
-        "CONN_MAX_AGE": None,
     }
 }
-DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+CELERY_BROKER_URL = os.environ.get("DEDUP_BENCH_BROKER_URL", "memory://")
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 4
+if os.environ.get("DEDUP_BENCH_DB_REUSE_MAX"):
+    # Celery's Django fixup then keeps connections open between tasks.
+    CELERY_DB_REUSE_MAX = int(os.environ["DEDUP_BENCH_DB_REUSE_MAX"])
+
 DEDUP_CELERY = {}
+if os.environ.get("DEDUP_BENCH_STORE_URL"):
+    DEDUP_CELERY = {"BACKEND": "redis", "OPTIONS": {"url": os.environ["DEDUP_BENCH_STORE_URL"]}}

@@ -1,0 +1,1 @@
+"""The benchmark's tasks and the one table they write."""

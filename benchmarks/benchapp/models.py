@@ -1,0 +1,18 @@
+"""One row per task run, stamped by the database's clock."""
+
+from django.db import models
+
+
+class Row(models.Model):
+    """What a benchmark task writes: which variant and run, and when (database time)."""
+
+    variant = models.CharField(max_length=40)
+    run = models.IntegerField()
+    n = models.IntegerField()
+    at = models.DateTimeField()
+
+    class Meta:
+        indexes = [models.Index(fields=["variant", "run"], name="benchapp_row_variant_run")]
+
+    def __str__(self):
+        return f"{self.variant}#{self.run}/{self.n}"
