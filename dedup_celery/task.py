@@ -8,6 +8,7 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
@@ -50,6 +51,8 @@ COMPLETE_RETRY_DELAYS = (0.1, 0.5, 1.0)
 RELEASE_RETRY_SECONDS = 2.0
 
 _TIMEOUT_OPTIONS = ("dedup_processing_timeout", "dedup_retry_countdown", "dedup_record_ttl")
+
+_VALID_TASK_CLASSES: weakref.WeakSet[type] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -199,11 +202,14 @@ class DedupTask(DjangoTask):
     # -- options and keys ----------------------------------------------------------
 
     def _dedup_options(self) -> _Options:
-        problems = task_option_errors(self)
-        if problems:
-            raise DedupConfigurationError(
-                f"Task {self.name!r} has invalid dedup options: " + "; ".join(problems) + "."
-            )
+        # Options are class attributes: validate each task class once per process.
+        if type(self) not in _VALID_TASK_CLASSES:
+            problems = task_option_errors(self)
+            if problems:
+                raise DedupConfigurationError(
+                    f"Task {self.name!r} has invalid dedup options: " + "; ".join(problems) + "."
+                )
+            _VALID_TASK_CLASSES.add(type(self))
         conf = get_settings()
 
         def pick(name: str, default: float) -> float:
