@@ -206,8 +206,11 @@ def statements(pg: PostgresServer, redis_port: int) -> dict:
             text = fh.read().decode(errors="replace")
         with connection.cursor() as cursor:
             cursor.execute("SET log_statement = 'none'")
-        found = re.findall(rf"^{re.escape(tag)} .*?statement: (.*)$", text, re.MULTILINE)
-        return [s.split()[0].upper() for s in found]
+        # Simple queries log "statement: ...", prepared ones "execute <name>: ...".
+        found = re.findall(
+            rf"^{re.escape(tag)} .*?(?:statement|execute [^:]+): (.*)$", text, re.MULTILINE
+        )
+        return [s.split()[0].upper() for s in found if not s.upper().startswith("SET ")]
 
     result: dict[str, dict] = {}
     for name, task in (("plain", plain_row), ("status", status_row), ("transactional", tx_row)):
