@@ -242,7 +242,7 @@ def statements(pg: PostgresServer, redis_port: int) -> dict:
     return result
 
 
-def purge(million: int) -> dict:
+def purge(million: int, batch_size: int, pause: float) -> dict:
     """Bytes per record, and purging *million* expired records while claims go on."""
     from django.db import connection, connections
 
@@ -283,10 +283,12 @@ def purge(million: int) -> dict:
 
     thread = threading.Thread(target=claimer)
     thread.start()
-    time.sleep(1)
+    # The same claims for a while without a purge: the machine's own noise.
+    time.sleep(15)
+    baseline = list(latencies)
     before = len(latencies)
     started = time.monotonic()
-    purged = backend.purge_expired(batch_size=5000)
+    purged = backend.purge_expired(batch_size=batch_size, pause=pause)
     seconds = time.monotonic() - started
     during = latencies[before:]
     stop.set()
@@ -296,12 +298,39 @@ def purge(million: int) -> dict:
         "bytes_per_record": total_bytes / million,
         "heap_bytes_per_record": heap_bytes / million,
         "purged": purged,
+        "batch_size": batch_size,
+        "pause": pause,
         "purge_seconds": seconds,
         "claims_during_purge": len(during),
         "claim_max_ms": max(during) * 1000,
         "claim_p99_ms": statistics.quantiles(during, n=100)[98] * 1000,
         "claim_p50_ms": statistics.median(during) * 1000,
+        "claims_without_purge": len(baseline),
+        "claim_max_ms_without_purge": max(baseline) * 1000,
+        "claim_p99_ms_without_purge": statistics.quantiles(baseline, n=100)[98] * 1000,
     }
+
+
+def latency(redis_port: int, seconds: float) -> dict:
+    """Claim + complete latency of both backends at 1, 4 and 16 client threads."""
+    from dedup_celery.backends.db import DatabaseBackend
+    from dedup_celery.backends.redis import RedisBackend
+
+    found = {}
+    for name, backend in (
+        ("db", DatabaseBackend()),
+        ("redis", RedisBackend(url=f"redis://127.0.0.1:{redis_port}/2")),
+    ):
+        for clients in (1, 4, 16):
+            measure(backend, clients, 0.5)
+            samples = measure(backend, clients, seconds)
+            q = statistics.quantiles(samples, n=100)
+            found[f"{name}-{clients}"] = {
+                "pairs_per_second": len(samples) / seconds,
+                "p50_ms": q[49] * 1000,
+                "p99_ms": q[98] * 1000,
+            }
+    return found
 
 
 def main() -> None:
@@ -310,7 +339,14 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=1000, help="tasks per round and variant")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--purge-records", type=int, default=1_000_000)
+    parser.add_argument("--purge-batch", type=int, default=1000)
+    parser.add_argument("--purge-pause", type=float, default=0.02)
     parser.add_argument("--latency-seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--parts",
+        default="throughput,statements,latency,purge",
+        help="comma-separated parts to run (default: all)",
+    )
     args = parser.parse_args()
 
     log_dir = REPO / "artifacts" / "bench"
@@ -351,42 +387,32 @@ def main() -> None:
         call_command("migrate", verbosity=0)
         results: dict = {"machine": machine(), "postgresql": "15, fsync on"}
         print(f"machine: {results['machine']}")
-        print("1. throughput (tasks/s, one row per task)")
-        results["throughput"] = throughput(args.messages, args.rounds, env, log_dir)
-        print("2. statements per message")
-        results["statements"] = statements(pg, redis_port)
-        print("3. claim + complete latency")
-        from dedup_celery.backends.db import DatabaseBackend
-        from dedup_celery.backends.redis import RedisBackend
-
-        results["latency"] = {}
-        for name, backend in (
-            ("db", DatabaseBackend()),
-            ("redis", RedisBackend(url=f"redis://127.0.0.1:{redis_port}/2")),
-        ):
-            for clients in (1, 4, 16):
-                measure(backend, clients, 0.5)
-                samples = measure(backend, clients, args.latency_seconds)
-                q = statistics.quantiles(samples, n=100)
-                results["latency"][f"{name}-{clients}"] = {
-                    "pairs_per_second": len(samples) / args.latency_seconds,
-                    "p50_ms": q[49] * 1000,
-                    "p99_ms": q[98] * 1000,
-                }
-        print(f"4. purging {args.purge_records} expired records")
-        results["purge"] = purge(args.purge_records)
+        parts = set(args.parts.split(","))
+        if "throughput" in parts:
+            print("1. throughput (tasks/s, one row per task)")
+            results["throughput"] = throughput(args.messages, args.rounds, env, log_dir)
+        if "statements" in parts:
+            print("2. statements per message")
+            results["statements"] = statements(pg, redis_port)
+        if "latency" in parts:
+            print("3. claim + complete latency")
+            results["latency"] = latency(redis_port, args.latency_seconds)
+        if "purge" in parts:
+            print(f"4. purging {args.purge_records} expired records")
+            results["purge"] = purge(args.purge_records, args.purge_batch, args.purge_pause)
     finally:
         redis_process.terminate()
         redis_process.wait(10)
         pg.destroy()
-    RESULTS.write_text(json.dumps(results, indent=2, default=str))
+    if args.parts == parser.get_default("parts"):
+        RESULTS.write_text(json.dumps(results, indent=2, default=str))
     report(results)
 
 
 def report(results: dict) -> None:
     """Print the tables BENCHMARKS.md shows."""
     print(f"\nmachine: {results['machine']}")
-    for mode, data in results["throughput"].items():
+    for mode, data in results.get("throughput", {}).items():
         print(f"\nthroughput, {mode} Django connections (median of rounds):")
         for variant in VARIANTS:
             print(
@@ -394,7 +420,7 @@ def report(results: dict) -> None:
                 f"ratio to plain {data['median_ratio_to_plain'][variant]:.3f}"
             )
     print("\nstatements per message (PostgreSQL log; the body's INSERT included):")
-    for name, data in results["statements"].items():
+    for name, data in results.get("statements", {}).items():
         extra = ""
         if "redis_scripts_first" in data:
             extra = (
@@ -404,18 +430,22 @@ def report(results: dict) -> None:
         print(f"  {name:<14} first: {' '.join(data['first'])}")
         print(f"  {'':<14} duplicate: {' '.join(data['duplicate']) or '(none)'}{extra}")
     print("\nclaim + complete latency:")
-    for key, data in results["latency"].items():
+    for key, data in results.get("latency", {}).items():
         print(
             f"  {key:<10} {data['pairs_per_second']:8.0f}/s  p50 {data['p50_ms']:.2f} ms  "
             f"p99 {data['p99_ms']:.2f} ms"
         )
+    if "purge" not in results:
+        return
     p = results["purge"]
     print(
         f"\npurge: {p['purged']} of {p['records']} records in {p['purge_seconds']:.1f} s; "
         f"{p['bytes_per_record']:.0f} bytes per record with indexes "
         f"({p['heap_bytes_per_record']:.0f} heap); {p['claims_during_purge']} claims during it, "
         f"p50 {p['claim_p50_ms']:.1f} ms, p99 {p['claim_p99_ms']:.1f} ms, "
-        f"max {p['claim_max_ms']:.1f} ms"
+        f"max {p['claim_max_ms']:.1f} ms; without a purge, {p['claims_without_purge']} claims: "
+        f"p99 {p['claim_p99_ms_without_purge']:.1f} ms, "
+        f"max {p['claim_max_ms_without_purge']:.1f} ms"
     )
 
 

@@ -6,6 +6,6 @@ from dedup_celery.backends import get_backend
 
 
 @shared_task(name="dedup_celery.purge_expired", ignore_result=True)
-def purge_expired(batch_size: int = 1000) -> int:
+def purge_expired(batch_size: int = 1000, pause: float = 0.02) -> int:
     """Delete expired message records; schedule it with Celery beat, e.g. hourly."""
-    return get_backend().purge_expired(batch_size=batch_size)
+    return get_backend().purge_expired(batch_size=batch_size, pause=pause)

@@ -251,11 +251,14 @@ class BaseBackend:
         """Return the record for (scope, key digest), or None. Read only."""
         raise NotImplementedError
 
-    def purge_expired(self, *, batch_size: int = 1000, dry_run: bool = False) -> int:
+    def purge_expired(
+        self, *, batch_size: int = 1000, dry_run: bool = False, pause: float = 0.0
+    ) -> int:
         """Delete records whose ``expires_at`` has passed; return how many.
 
         Each delete re-checks the expiry inside the delete itself, so a record
         renewed or taken over meanwhile survives. With *dry_run*, count only.
+        *pause* is a sleep between batches, to spare the store's other users.
         """
         raise NotImplementedError
 

@@ -16,6 +16,7 @@ import datetime
 import functools
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -831,8 +832,14 @@ class DatabaseBackend(BaseBackend):
         return self._record_from_model(obj, lease_expired=bool(obj._lease_expired))
 
     @_storage_errors
-    def purge_expired(self, *, batch_size: int = 1000, dry_run: bool = False) -> int:
-        """Delete expired records in batches of *batch_size*, each in its own short statement."""
+    def purge_expired(
+        self, *, batch_size: int = 1000, dry_run: bool = False, pause: float = 0.0
+    ) -> int:
+        """Delete expired records in batches of *batch_size*, each in its own short statement.
+
+        *pause* seconds between batches lets the WAL of a large purge drain, so
+        the commits of claims running meanwhile are not held up behind it.
+        """
         manager = self._manager()
         if dry_run:
             return manager.filter(expires_at__lt=Now()).count()
@@ -857,6 +864,8 @@ class DatabaseBackend(BaseBackend):
                 total += cursor.rowcount
             if len(ids) < batch_size:
                 return total
+            if pause:
+                time.sleep(pause)
 
     # -- transactional mode --------------------------------------------------------
 

@@ -21,6 +21,7 @@ import datetime
 import functools
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
@@ -523,7 +524,9 @@ class RedisBackend(BaseBackend):
         return self._record(self._script("get")(keys=[self.redis_key(scope, key_digest)]))
 
     @_storage_errors
-    def purge_expired(self, *, batch_size: int = 1000, dry_run: bool = False) -> int:
+    def purge_expired(
+        self, *, batch_size: int = 1000, dry_run: bool = False, pause: float = 0.0
+    ) -> int:
         """Delete expired PROCESSING records that still wait for their key to expire.
 
         CONSUMED records expire by themselves through their Redis TTL; this
@@ -538,6 +541,8 @@ class RedisBackend(BaseBackend):
             if len(batch) >= batch_size:
                 total += int(purge(keys=batch, args=["1" if dry_run else "0"]))
                 batch = []
+                if pause:
+                    time.sleep(pause)
         if batch:
             total += int(purge(keys=batch, args=["1" if dry_run else "0"]))
         return total

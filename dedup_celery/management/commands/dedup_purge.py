@@ -20,12 +20,22 @@ class Command(BaseCommand):
         parser.add_argument(
             "--dry-run", action="store_true", help="Count the expired records, delete nothing."
         )
+        parser.add_argument(
+            "--pause",
+            type=float,
+            default=0.02,
+            help="Seconds to sleep between batches, so claims meanwhile stay fast (default 0.02).",
+        )
 
-    def handle(self, *args: Any, batch_size: int, dry_run: bool, **options: Any) -> None:
+    def handle(
+        self, *args: Any, batch_size: int, dry_run: bool, pause: float, **options: Any
+    ) -> None:
         """Purge and print the count."""
         if batch_size < 1:
             raise CommandError("--batch-size must be 1 or more.")
         backend = get_backend()
-        count = backend.purge_expired(batch_size=batch_size, dry_run=dry_run)
+        if pause < 0:
+            raise CommandError("--pause must be 0 or more.")
+        count = backend.purge_expired(batch_size=batch_size, dry_run=dry_run, pause=pause)
         verb = "would be deleted" if dry_run else "deleted"
         self.stdout.write(f"{count} expired record(s) {verb} from the {backend.describe()}.")
