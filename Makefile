@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test demo soak lint tox constraints packages clean bench bench-latency
+.PHONY: test demo soak lint tox constraints packages clean bench
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,9 +47,6 @@ constraints: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .tox build *.egg-info artifacts example_project/var
-
-bench-latency: $(STAMP) packages
-	$(BIN)/python benchmarks/latency.py
 
 # Every benchmark in one run (several minutes; not part of CI). See BENCHMARKS.md.
 bench: $(STAMP) packages

@@ -33,15 +33,17 @@ def test_dedup_purge_dry_run_then_purge_in_batches():
     assert out.getvalue().startswith("3 expired record(s) would be deleted")
     assert DedupRecord.objects.count() == 4
     out = io.StringIO()
-    call_command("dedup_purge", "--batch-size", "2", stdout=out)
+    call_command("dedup_purge", "--batch-size", "2", "--pause", "0.01", stdout=out)
     assert out.getvalue().startswith("3 expired record(s) deleted")
     assert list(DedupRecord.objects.values_list("key", flat=True)) == ["live"]
 
 
 @pytest.mark.django_db(transaction=True)
-def test_dedup_purge_rejects_a_bad_batch_size():
+def test_dedup_purge_rejects_a_bad_batch_size_or_pause():
     with pytest.raises(CommandError, match="--batch-size"):
         call_command("dedup_purge", "--batch-size", "0")
+    with pytest.raises(CommandError, match="--pause"):
+        call_command("dedup_purge", "--pause", "-1")
 
 
 @pytest.mark.django_db(transaction=True)
