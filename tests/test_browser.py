@@ -66,7 +66,7 @@ def shot(driver, name):
 
 def test_an_operator_filters_and_releases_an_expired_processing_record(live_server, browser):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     User.objects.create_superuser("operator", "op@example.com", "correct horse")
     backend = get_backend()
@@ -93,9 +93,15 @@ def test_an_operator_filters_and_releases_an_expired_processing_record(live_serv
     shot(browser, "2-filtered")
 
     pk = DedupRecord.objects.get(key="stuck-order").pk
-    browser.find_element(By.CSS_SELECTOR, f"input[name=_selected_action][value='{pk}']").click()
+    checkbox = browser.find_element(By.CSS_SELECTOR, f"input[name=_selected_action][value='{pk}']")
+    checkbox.click()
+    assert checkbox.is_selected()
     Select(browser.find_element(By.NAME, "action")).select_by_value("release_records")
-    browser.find_element(By.NAME, "index").click()
+    browser.find_element(By.CSS_SELECTOR, "div.actions [type=submit]").click()  # "Go" / "Run"
+    WebDriverWait(browser, 10).until(
+        lambda driver: driver.find_elements(By.ID, "release-records"),
+        "the release confirmation page did not open",
+    )
     assert expired.owner in browser.page_source  # the owner the release compares against
     shot(browser, "3-confirm")
     browser.find_element(By.CSS_SELECTOR, "form input[type=submit][value=Release]").click()
