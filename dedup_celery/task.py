@@ -158,7 +158,7 @@ class DedupTask(DjangoTask):
     dedup_processing_timeout: ClassVar[float | None] = None
     dedup_retry_countdown: ClassVar[float | None] = None
     dedup_record_ttl: ClassVar[float | None] = None
-    dedup_heartbeat_interval: ClassVar[float | None] = USE_SETTING
+    dedup_heartbeat_interval: ClassVar[Any] = USE_SETTING  # a number, None, or USE_SETTING
 
     #: The worker-side request: when a child dies mid-task, the worker's main
     #: process ends that child's lease so the redelivery runs at once.
