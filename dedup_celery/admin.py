@@ -6,18 +6,20 @@ from typing import Any
 
 from django.apps import apps
 from django.contrib import admin, messages
-from django.db.models import BooleanField, Case, QuerySet, Value, When
-from django.db.models.functions import Now
+from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 
-from dedup_celery.backends import get_backend
+from dedup_celery.backends.base import RECORD_FIELDS
+from dedup_celery.backends.db import message_table_alias
+from dedup_celery.conf import get_settings
 from dedup_celery.exceptions import StorageError
 from dedup_celery.models import DedupRecord
-from dedup_celery.operations import operator_release
+from dedup_celery.operator import release_record
+from dedup_celery.states import RELEASABLE
 
 RELEASE_PERMISSION = "dedup_celery.release_deduprecord"
 
@@ -46,49 +48,20 @@ class DedupRecordAdmin(admin.ModelAdmin):
     actions = ("release_records",)
     list_per_page = 100
     show_full_result_count = False
-    fields = (
-        "scope",
-        "key",
-        "key_digest",
-        "status",
-        "lease",
-        "owner",
-        "task_id",
-        "task_result",
-        "task_name",
-        "attempt",
-        "hostname",
-        "pid",
-        "process_start",
-        "boot_id",
-        "pid_namespace",
-        "created_at",
-        "updated_at",
-        "expires_at",
-        "consumed_at",
-        "heartbeat_at",
-        "skipped",
-        "rescheduled",
-        "takeovers",
-        "last_duplicate_at",
-        "result",
-        "payload_digest",
+    # Every column, in the table's order, with the lease and the task result beside them.
+    fields = tuple(
+        name
+        for column in RECORD_FIELDS
+        for name in {"status": ("status", "lease"), "task_id": ("task_id", "task_result")}.get(
+            column, (column,)
+        )
     )
     readonly_fields = fields
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[DedupRecord]:
-        """Annotate whether each record has expired, by the database's clock."""
-        return (
-            super()
-            .get_queryset(request)
-            .annotate(
-                lease_expired=Case(
-                    When(expires_at__lt=Now(), then=Value(True)),
-                    default=Value(False),
-                    output_field=BooleanField(),
-                )
-            )
-        )
+        """Read the database the backend writes to, with each lease judged by its clock."""
+        alias = message_table_alias(get_settings().database)
+        return super().get_queryset(request).using(alias).with_lease_expired()
 
     @admin.display(description=_("lease"))
     def lease(self, obj: DedupRecord) -> str:
@@ -149,18 +122,14 @@ class DedupRecordAdmin(admin.ModelAdmin):
                 request, "admin/dedup_celery/deduprecord/release_confirmation.html", context
             )
         force = request.POST.get("force") == "on"
-        backend = get_backend()
         released = refused = 0
         for record in records:
             shown_owner = request.POST.get(f"owner-{record.pk}", "")
-            releasable = (DedupRecord.Status.PROCESSING, DedupRecord.Status.POISONED)
-            if record.status not in releasable or not shown_owner:
+            if record.status not in RELEASABLE or not shown_owner:
                 refused += 1
                 continue
             try:
-                ok = operator_release(
-                    backend, record.scope, record.key_digest, shown_owner, force=force
-                )
+                ok = release_record(record.scope, record.key_digest, shown_owner, force=force)
             except (StorageError, ValueError) as exc:
                 self.message_user(request, f"{record}: {exc}", messages.ERROR)
                 continue

@@ -14,6 +14,7 @@ id                        problem
 ``dedup_celery.E007``     a task's dedup options are invalid
 ``dedup_celery.E008``     a transactional task on a backend without transactions
 ``dedup_celery.E009``     the redis backend is chosen but the redis package is missing
+``dedup_celery.E010``     the message table's database is not one the db backend supports
 ``dedup_celery.W001``     ``acks_late`` is off on a DedupTask
 ``dedup_celery.W002``     ``reject_on_worker_lost`` is off on a DedupTask
 ``dedup_celery.W003``     ``track_started`` is on for a DedupTask
@@ -41,7 +42,9 @@ from typing import Any
 
 from django.core import checks
 
-from dedup_celery.conf import DEFAULTS, raw_settings, validate
+from dedup_celery.conf import DEFAULTS, get_settings, raw_settings, validate
+from dedup_celery.exceptions import DedupConfigurationError
+from dedup_celery.options import option_errors, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +62,6 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     if errors:
         return errors
     from dedup_celery.backends import build_backend, resolve_backend_path
-    from dedup_celery.exceptions import DedupConfigurationError
 
     backend_path = resolve_backend_path({**DEFAULTS, **raw_settings()}["BACKEND"])
     if backend_path == "dedup_celery.backends.redis.RedisBackend" and not find_spec("redis"):
@@ -88,42 +90,17 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
 
 
 @checks.register(TAG)
-def check_backend_durability(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """Warn when the Redis that holds the records may evict them.
-
-    Every dedup record has a TTL, so an evicting ``maxmemory-policy`` drops them
-    first, and a dropped record lets a duplicate run. A server that refuses
-    ``CONFIG``, or cannot be reached, gives no message here.
-    """
+def check_backend(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Run the configured backend's own checks (``check()``) once the settings are valid."""
     if validate(raw_settings()):
         return []
     from dedup_celery.backends import get_backend
-    from dedup_celery.exceptions import DedupConfigurationError, StorageError
 
     try:
         backend = get_backend()
     except DedupConfigurationError:
         return []  # check_settings reports it.
-    eviction_policy = getattr(backend, "eviction_policy", None)
-    if eviction_policy is None:
-        return []
-    try:
-        policy = eviction_policy()
-    except StorageError as exc:
-        logger.debug("dedup_celery: could not read Redis's maxmemory-policy: %s", exc)
-        return []
-    if policy in (None, "noeviction"):
-        return []
-    return [
-        checks.Warning(
-            f"The Redis that holds dedup records ({backend.describe()}) has "
-            f"maxmemory-policy {policy!r}. Every record has a TTL, so it is evicted first "
-            "when memory runs out, and an evicted record lets a duplicate run its body.",
-            hint="Set maxmemory-policy to noeviction on that server, or give dedup_celery a "
-            "Redis of its own that is configured so.",
-            id="dedup_celery.W008",
-        )
-    ]
+    return list(backend.check())
 
 
 def _current_celery_app() -> Any:
@@ -172,25 +149,6 @@ def _retry_horizon(task: Any) -> float | None:
     return float(max_retries) * float(delay)
 
 
-def _heartbeat(task: Any) -> float | None:
-    from dedup_celery.task import USE_SETTING
-
-    value = task.dedup_heartbeat_interval
-    if value is USE_SETTING:
-        raw = raw_settings()
-        value = ({**DEFAULTS, **raw} if isinstance(raw, dict) else DEFAULTS)["HEARTBEAT_INTERVAL"]
-    return None if value is None else float(value)
-
-
-def _effective(task: Any, option: str, setting: str) -> float:
-    value = getattr(task, option)
-    if value is not None:
-        return float(value)
-    raw = raw_settings()
-    merged = {**DEFAULTS, **raw} if isinstance(raw, dict) else DEFAULTS
-    return float(merged[setting])
-
-
 @checks.register(TAG)
 def check_celery_tasks(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """Check every DedupTask's options and the Celery settings they depend on."""
@@ -214,14 +172,12 @@ def check_celery_tasks(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
 
 def _task_messages(app: Any, tasks: Iterable[Any]) -> Iterable[checks.CheckMessage]:
     from dedup_celery.backends import load_backend_class
-    from dedup_celery.task import task_option_errors
 
-    merged = {**DEFAULTS, **raw_settings()}
-    backend_cls = load_backend_class(merged["BACKEND"])
+    backend_cls = load_backend_class(get_settings().backend)
     visibility_timeout = _visibility_timeout(app)
     modes: dict[str, dict[bool, list[str]]] = defaultdict(lambda: defaultdict(list))
     for task in tasks:
-        problems = task_option_errors(task)
+        problems = option_errors(task)
         if problems:
             yield checks.Error(
                 f"Task {task.name!r} has invalid dedup options: " + "; ".join(problems) + ".",
@@ -230,9 +186,9 @@ def _task_messages(app: Any, tasks: Iterable[Any]) -> Iterable[checks.CheckMessa
                 id="dedup_celery.E007",
             )
             continue
-        scope = task.dedup_scope or task.name
-        modes[scope][bool(task.dedup_transactional)].append(task.name)
-        if task.dedup_transactional and not backend_cls.supports_transactional:
+        options = resolve(task)
+        modes[options.scope][options.transactional].append(task.name)
+        if options.transactional and not backend_cls.supports_transactional:
             yield checks.Error(
                 f"Task {task.name!r} sets dedup_transactional=True, but the "
                 f"{backend_cls.__name__} backend has no transactions.",
@@ -265,9 +221,9 @@ def _task_messages(app: Any, tasks: Iterable[Any]) -> Iterable[checks.CheckMessa
                 obj=task.name,
                 id="dedup_celery.W003",
             )
-        countdown = _effective(task, "dedup_retry_countdown", "RETRY_COUNTDOWN")
-        record_ttl = _effective(task, "dedup_record_ttl", "RECORD_TTL")
-        processing_timeout = _effective(task, "dedup_processing_timeout", "PROCESSING_TIMEOUT")
+        countdown = options.retry_countdown
+        record_ttl = options.record_ttl
+        processing_timeout = options.processing_timeout
         if visibility_timeout is not None and countdown >= visibility_timeout:
             yield checks.Warning(
                 f"Task {task.name!r}: RETRY_COUNTDOWN ({countdown:g} s) is not below the "
@@ -289,7 +245,7 @@ def _task_messages(app: Any, tasks: Iterable[Any]) -> Iterable[checks.CheckMessa
                 obj=task.name,
                 id="dedup_celery.W005",
             )
-        heartbeat = _heartbeat(task)
+        heartbeat = options.heartbeat_interval
         if heartbeat is not None and heartbeat * 2 > processing_timeout:
             yield checks.Warning(
                 f"Task {task.name!r}: the heartbeat interval ({heartbeat:g} s) is not below "
@@ -344,14 +300,10 @@ def log_check_messages(**kwargs: Any) -> None:
         return
     from dedup_celery.backends import get_backend
 
-    backend = get_backend()
-    table_exists = getattr(backend, "table_exists", None)
     try:
-        if table_exists is not None and not table_exists():
-            logger.error(
-                "dedup_celery: the message table does not exist in the %s. Every DedupTask "
-                "message is rescheduled until you run 'python manage.py migrate dedup_celery'.",
-                backend.describe(),
-            )
+        problems = get_backend().ready_problems()
     except Exception as exc:
         logger.warning("dedup_celery: could not look for the message table: %s", exc)
+        return
+    for problem in problems:
+        logger.error("dedup_celery: %s", problem)

@@ -170,16 +170,19 @@ def get_settings() -> DedupSettings:
 
 
 def reset() -> None:
-    """Forget the cached settings and backend, so the next use reads them again."""
+    """Forget the cached settings, so the next use reads them again.
+
+    The backend cache listens to the same signal (``dedup_celery.backends``).
+    """
     global _cached
     _cached = None
-    # Imported here: backends import this module.
-    from dedup_celery.backends import reset_backend
 
-    reset_backend()
+
+#: Settings whose change invalidates what dedup_celery cached from them.
+WATCHED_SETTINGS = (SETTING_NAME, "DATABASES", "DATABASE_ROUTERS")
 
 
 @receiver(setting_changed)
 def _on_setting_changed(*, setting: str, **kwargs: Any) -> None:
-    if setting in (SETTING_NAME, "DATABASES", "DATABASE_ROUTERS"):
+    if setting in WATCHED_SETTINGS:
         reset()

@@ -1,19 +1,51 @@
-"""The identity of the current process, recorded on every claim it makes.
+"""Who holds a claim: the owner process's identity, and whether that process is gone.
 
 Host name and pid alone prove nothing (pids are reused, containers share host
-names), so the record also carries the process start time, the machine's boot
-id and the pid namespace. Together they tell whether the process that holds a
-claim is still the same process.
+names), so a claim also records the process start time, the machine's boot id
+and the pid namespace. Together they tell whether the process that holds a
+claim is still the same process:
+
+* :func:`owner_is_gone` judges that the owning process no longer exists, so its
+  lease can end at once;
+* :func:`earlier_attempt_is_over` lets a copy that lands in the owner process
+  itself take over, when that process provably runs nothing else
+  (:class:`running_body` counts the bodies in progress).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Protocol
 
-from dedup_celery.backends.base import OwnerIdentity
+
+@dataclass(frozen=True)
+class OwnerIdentity:
+    """The process that holds a claim, and what proves it is the same process."""
+
+    hostname: str
+    pid: int
+    process_start: int | None
+    boot_id: str
+    pid_namespace: str
+
+
+class HasIdentity(Protocol):
+    """Anything that records an owner's identity (a stored record)."""
+
+    hostname: str
+    pid: int | None
+    process_start: int | None
+    boot_id: str
+    pid_namespace: str
+
 
 _cache: tuple[int, OwnerIdentity] | None = None
+_bodies_lock = threading.Lock()
+_bodies_running = 0
 
 
 def _read(path: str) -> str:
@@ -60,3 +92,73 @@ def current_identity() -> OwnerIdentity:
             ),
         )
     return _cache[1]
+
+
+def owner_is_gone(record: HasIdentity) -> bool:
+    """True only if the process that holds *record* provably no longer exists.
+
+    Host names and pids prove nothing across machines or containers, so the
+    record must carry this machine's boot id and this process's pid namespace.
+    Then the pid names the same process only if it still has the recorded start
+    time; no such pid, or another start time, means the owner is gone.
+    """
+    me = current_identity()
+    if not record.boot_id or record.boot_id != me.boot_id:
+        return False
+    if not record.pid_namespace or record.pid_namespace != me.pid_namespace:
+        return False
+    if record.pid is None or record.process_start is None:
+        return False
+    if record.pid == me.pid:
+        return False  # that is this process: see earlier_attempt_is_over()
+    return process_start_ticks(record.pid) != record.process_start
+
+
+def is_this_process(record: HasIdentity) -> bool:
+    """True if *record*'s owner identity is exactly this process."""
+    me = current_identity()
+    return (
+        bool(me.boot_id)
+        and record.boot_id == me.boot_id
+        and record.pid_namespace == me.pid_namespace
+        and record.pid == me.pid
+        and record.process_start == me.process_start
+    )
+
+
+def _green_threads() -> bool:
+    gevent_monkey = sys.modules.get("gevent.monkey")
+    if gevent_monkey is not None and gevent_monkey.is_module_patched("threading"):
+        return True
+    eventlet_patcher = sys.modules.get("eventlet.patcher")
+    return eventlet_patcher is not None and eventlet_patcher.is_monkey_patched("thread")
+
+
+def earlier_attempt_is_over(record: HasIdentity) -> bool:
+    """True if *record* is held by this very process and that attempt has ended.
+
+    In the prefork and solo pools a process runs one task at a time, so while
+    this delivery runs, no earlier attempt can still be running here. Thread,
+    gevent and eventlet pools run several tasks in one process, so there the
+    answer is always False.
+    """
+    if not is_this_process(record):
+        return False
+    if threading.current_thread() is not threading.main_thread() or _green_threads():
+        return False
+    with _bodies_lock:
+        return _bodies_running == 0
+
+
+class running_body:
+    """Count the bodies running in this process (see :func:`earlier_attempt_is_over`)."""
+
+    def __enter__(self) -> None:
+        global _bodies_running
+        with _bodies_lock:
+            _bodies_running += 1
+
+    def __exit__(self, *exc: object) -> None:
+        global _bodies_running
+        with _bodies_lock:
+            _bodies_running -= 1

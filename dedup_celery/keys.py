@@ -1,8 +1,11 @@
-"""How message keys become record identities."""
+"""How tasks and messages become record identities: the scope, the key and its digest."""
 
 from __future__ import annotations
 
 import hashlib
+from typing import Any
+
+from dedup_celery.exceptions import DedupKeyError
 
 
 def digest(text: str) -> str:
@@ -25,3 +28,36 @@ def display_key(key: str, limit: int = 255) -> str:
     if len(text) > limit:
         text = text[: limit - 1] + "…"
     return text
+
+
+def scope_for(task: Any) -> str:
+    """Return the scope of *task*'s records: its ``dedup_scope``, or else its name."""
+    return task.dedup_scope or task.name
+
+
+def message_key(
+    task: Any, key_function: Any, task_id: str, args: tuple, kwargs: dict
+) -> str | None:
+    """Return the key of one message of *task*: the task id, or ``key_function(*args, **kwargs)``.
+
+    None means "run this call without dedup". Anything else that is not a
+    non-empty str raises :class:`DedupKeyError` naming the task and the cause.
+    """
+    if key_function is None:
+        return task_id
+    try:
+        key = key_function(*args, **kwargs)
+    except Exception as exc:
+        raise DedupKeyError(
+            f"dedup_key of task {task.name!r} raised {type(exc).__name__}: {exc}. "
+            "The task did not run; fix the callable or the arguments."
+        ) from exc
+    if key is None:
+        return None
+    if not isinstance(key, str) or not key:
+        what = f"a {type(key).__name__}" if not isinstance(key, str) else "an empty string"
+        raise DedupKeyError(
+            f"dedup_key of task {task.name!r} returned {what}; it must return a non-empty str "
+            "(or None to skip dedup for this call). The task did not run."
+        )
+    return key

@@ -5,14 +5,17 @@ from __future__ import annotations
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
-from dedup_celery.backends.base import Status
+from dedup_celery.backends.base import RECORD_FIELDS, Record
+from dedup_celery.managers import DedupRecordQuerySet
+from dedup_celery.states import Status
 
 
 class DedupRecord(models.Model):
     """One message, identified by its scope and the sha256 of its key.
 
-    Every time on this model is written by SQL from the database's clock, so
-    none of the fields use ``auto_now``.
+    The columns are :data:`~dedup_celery.backends.base.RECORD_FIELDS`, in that
+    order (a test holds them equal). Every time on this model is written by SQL
+    from the database's clock, so none of the fields use ``auto_now``.
     """
 
     Status = Status
@@ -52,6 +55,8 @@ class DedupRecord(models.Model):
         _("payload digest"), max_length=64, null=True, blank=True
     )
 
+    objects = DedupRecordQuerySet.as_manager()
+
     class Meta:
         verbose_name = _("message record")
         verbose_name_plural = _("message records")
@@ -69,3 +74,13 @@ class DedupRecord(models.Model):
 
     def __str__(self) -> str:
         return f"{self.scope}: {self.key} ({self.status})"
+
+    def as_record(self) -> Record:
+        """Return this row as a :class:`~dedup_celery.backends.base.Record` snapshot."""
+        values = {name: getattr(self, name) for name in RECORD_FIELDS}
+        if values["owner"] is not None:
+            values["owner"] = values["owner"].hex
+        lease_expired = getattr(self, "lease_expired", None)
+        return Record(
+            **values, lease_expired=None if lease_expired is None else bool(lease_expired)
+        )

@@ -2,10 +2,10 @@
 
 from celery import shared_task
 
-from dedup_celery.backends import get_backend
+from dedup_celery import operator
 
 
 @shared_task(name="dedup_celery.purge_expired", ignore_result=True)
 def purge_expired(batch_size: int = 1000, pause: float = 0.02) -> int:
     """Delete expired message records; schedule it with Celery beat, e.g. hourly."""
-    return get_backend().purge_expired(batch_size=batch_size, pause=pause)
+    return operator.purge_expired(batch_size=batch_size, pause=pause)

@@ -15,7 +15,7 @@ from django.db import connections, transaction
 
 from dedup_celery.backends.base import Status, Verdict
 from dedup_celery.backends.db import DatabaseBackend
-from dedup_celery.exceptions import StorageError
+from dedup_celery.exceptions import DedupError, OuterTransactionError, StorageError
 from dedup_celery.identity import current_identity
 from dedup_celery.keys import digest
 from dedup_celery.models import DedupRecord
@@ -60,32 +60,41 @@ def test_the_row_holds_the_owner_identity_and_a_display_key(backend):
 
 def test_transactional_claim_commits_with_the_transaction(backend):
     claim = make_claim()
-    with transaction.atomic(using=backend.alias):
-        outcome = backend.claim_in_transaction(claim)
-        assert outcome.verdict is Verdict.CLAIMED
-        assert outcome.record.status == Status.CONSUMED
-        backend.store_result(claim, {"value": 7})
+    with backend.transactional_claim(claim) as txn:
+        assert txn.outcome.verdict is Verdict.CLAIMED
+        assert txn.outcome.record.status == Status.CONSUMED
+        txn.result = {"value": 7}
     assert row(backend, claim).result == {"value": 7}
     duplicate = make_claim()
-    with transaction.atomic(using=backend.alias):
-        outcome = backend.claim_in_transaction(duplicate)
-    assert outcome.verdict is Verdict.CONSUMED
+    with backend.transactional_claim(duplicate) as txn:
+        pass
+    assert txn.outcome.verdict is Verdict.CONSUMED
     assert row(backend, claim).skipped == 1
 
 
 def test_transactional_claim_leaves_nothing_when_rolled_back(backend):
     claim = make_claim()
-
-    def failing_body():
-        with transaction.atomic(using=backend.alias):
-            backend.claim_in_transaction(claim)
-            raise RuntimeError("the body failed")
-
-    with pytest.raises(RuntimeError):
-        failing_body()
+    with pytest.raises(RuntimeError, match="the body failed"), backend.transactional_claim(claim):
+        raise RuntimeError("the body failed")
     assert backend.get(claim.scope, claim.key_digest) is None
-    with transaction.atomic(using=backend.alias):
-        assert backend.claim_in_transaction(make_claim()).verdict is Verdict.CLAIMED
+    with backend.transactional_claim(make_claim()) as txn:
+        assert txn.outcome.verdict is Verdict.CLAIMED
+
+
+def test_transactional_claim_refuses_an_outer_transaction_and_reports_a_broken_one(backend):
+    with (
+        pytest.raises(OuterTransactionError, match="savepoint"),
+        transaction.atomic(using=backend.alias),
+        backend.transactional_claim(make_claim()),
+    ):
+        pass
+    claim = make_claim("swallowed")
+    with (
+        pytest.raises(DedupError, match="nothing was committed"),
+        backend.transactional_claim(claim),
+    ):
+        connections[backend.alias].needs_rollback = True
+    assert backend.get(claim.scope, claim.key_digest) is None
 
 
 def test_transactional_claim_meets_an_uncommitted_copy(backend):
@@ -95,8 +104,7 @@ def test_transactional_claim_meets_an_uncommitted_copy(backend):
 
     def first_copy():
         try:
-            with transaction.atomic(using=backend.alias):
-                backend.claim_in_transaction(make_claim("in-flight"))
+            with backend.transactional_claim(make_claim("in-flight")):
                 holding.set()
                 finish.wait(30)
         finally:
@@ -108,24 +116,24 @@ def test_transactional_claim_meets_an_uncommitted_copy(backend):
         assert holding.wait(10)
         started = time.monotonic()
         if backend.variant == "postgresql":
-            with transaction.atomic(using=backend.alias):
-                outcome = backend.claim_in_transaction(make_claim("in-flight"))
-            assert outcome.verdict is Verdict.IN_FLIGHT
-            assert outcome.record is None
+            with backend.transactional_claim(make_claim("in-flight")) as txn:
+                pass
+            assert txn.outcome.verdict is Verdict.IN_FLIGHT
+            assert txn.outcome.record is None
             assert time.monotonic() - started < 1
         elif backend.variant == "portable-postgresql":
             timer = threading.Timer(1.0, finish.set)
             timer.start()
-            with transaction.atomic(using=backend.alias):
-                outcome = backend.claim_in_transaction(make_claim("in-flight"))
-            assert outcome.verdict is Verdict.CONSUMED
+            with backend.transactional_claim(make_claim("in-flight")) as txn:
+                pass
+            assert txn.outcome.verdict is Verdict.CONSUMED
             assert time.monotonic() - started >= 0.9
         else:
             with (
                 pytest.raises(StorageError, match="locked"),
-                transaction.atomic(using=backend.alias),
+                backend.transactional_claim(make_claim("in-flight")),
             ):
-                backend.claim_in_transaction(make_claim("in-flight"))
+                pass
     finally:
         finish.set()
         thread.join()

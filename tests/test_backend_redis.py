@@ -16,7 +16,7 @@ from django.test import override_settings
 from dedup_celery import DedupConfigurationError, DedupTask, StorageError
 from dedup_celery.backends.base import Verdict
 from dedup_celery.backends.redis import RedisBackend
-from dedup_celery.checks import check_backend_durability, check_settings
+from dedup_celery.checks import check_backend, check_settings
 from dedup_celery.identity import current_identity
 from dedup_celery.keys import digest
 from tests.celery_app import app
@@ -215,7 +215,7 @@ def test_an_evicting_maxmemory_policy_is_a_warning(redis_url, redis_server, poli
         with override_settings(
             DEDUP_CELERY={"BACKEND": "redis", "OPTIONS": {"url": f"{redis_url}/4"}}
         ):
-            assert [m.id for m in check_backend_durability()] == expected
+            assert [m.id for m in check_backend()] == expected
     finally:
         admin.config_set("maxmemory-policy", "noeviction")
 
@@ -231,7 +231,7 @@ def test_the_eviction_check_tolerates_a_forbidden_config(redis_server):
     url = f"redis://limited:secret@{redis_server.host}:{redis_server.port}/4"
     try:
         with override_settings(DEDUP_CELERY={"BACKEND": "redis", "OPTIONS": {"url": url}}):
-            assert check_backend_durability() == []
+            assert check_backend() == []
     finally:
         admin.config_set("maxmemory-policy", "noeviction")
         admin.acl_deluser("limited")

@@ -14,13 +14,14 @@ import pytest
 
 from dedup_celery.backends.base import OwnerIdentity, Record, Status
 from dedup_celery.backends.db import DatabaseBackend
-from dedup_celery.identity import current_identity, process_start_ticks
-from dedup_celery.recovery import (
-    Heartbeat,
+from dedup_celery.identity import (
+    current_identity,
     earlier_attempt_is_over,
     owner_is_gone,
+    process_start_ticks,
     running_body,
 )
+from dedup_celery.lease import Heartbeat
 from tests.claims import make_claim as base_claim
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -81,7 +82,7 @@ def test_renewal_stops_at_the_hard_time_limit(caplog):
     claim = make_claim(lease=0.5)
     backend.claim(claim)
     heartbeat = Heartbeat(backend, claim, 0.1, stop_after=0.55, label="limited")
-    with caplog.at_level(logging.WARNING, logger="dedup_celery.recovery"):
+    with caplog.at_level(logging.WARNING, logger="dedup_celery.lease"):
         heartbeat.start()
         heartbeat.join(5)
     assert not heartbeat.is_alive()
@@ -99,7 +100,7 @@ def test_a_heartbeat_that_lost_its_lease_stops_and_never_takes_it_back(caplog):
     thief = dataclasses.replace(claim, owner=uuid.uuid4().hex)
     assert backend.claim(thief).verdict.claimed
     heartbeat = Heartbeat(backend, claim, 0.05, None, "lost")
-    with caplog.at_level(logging.WARNING, logger="dedup_celery.recovery"):
+    with caplog.at_level(logging.WARNING, logger="dedup_celery.lease"):
         heartbeat.start()
         heartbeat.join(5)
     assert not heartbeat.is_alive()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 from django.utils.module_loading import import_string
 
 from dedup_celery.backends.base import BaseBackend
-from dedup_celery.conf import get_settings
+from dedup_celery.conf import SETTING_NAME, WATCHED_SETTINGS, get_settings
 from dedup_celery.exceptions import DedupConfigurationError
 
 BACKEND_ALIASES: dict[str, str] = {
@@ -29,34 +32,47 @@ def load_backend_class(name: str) -> type[BaseBackend]:
     path = resolve_backend_path(name)
     if "." not in path:
         raise DedupConfigurationError(
-            f"DEDUP_CELERY['BACKEND'] is {name!r}, which is neither a known alias "
+            f"{SETTING_NAME}['BACKEND'] is {name!r}, which is neither a known alias "
             f"({', '.join(sorted(BACKEND_ALIASES))}) nor a dotted path to a backend class."
         )
     try:
         cls = import_string(path)
     except ImportError as exc:
         raise DedupConfigurationError(
-            f"DEDUP_CELERY['BACKEND'] is {name!r}, but {path!r} cannot be imported: {exc}"
+            f"{SETTING_NAME}['BACKEND'] is {name!r}, but {path!r} cannot be imported: {exc}"
         ) from exc
     if not (isinstance(cls, type) and issubclass(cls, BaseBackend)):
         raise DedupConfigurationError(
-            f"DEDUP_CELERY['BACKEND'] is {name!r}, but {path!r} is not a subclass of "
+            f"{SETTING_NAME}['BACKEND'] is {name!r}, but {path!r} is not a subclass of "
             "dedup_celery.backends.base.BaseBackend."
         )
     return cls
 
 
 def build_backend() -> BaseBackend:
-    """Create a backend from the current settings (no I/O happens here)."""
+    """Create a backend from the current settings (no I/O happens here).
+
+    ``DATABASE`` is passed as ``database=`` only when it is set, so a backend
+    that has no database need not accept it, and setting it for one is an error.
+    """
     conf = get_settings()
     cls = load_backend_class(conf.backend)
+    kwargs: dict[str, Any] = dict(conf.options)
+    if conf.database is not None:
+        kwargs["database"] = conf.database
     try:
-        return cls(database=conf.database, **conf.options)
+        return cls(**kwargs)
     except DedupConfigurationError:
         raise
     except TypeError as exc:
+        if conf.database is not None and "'database'" in str(exc):
+            raise DedupConfigurationError(
+                f"{SETTING_NAME}['DATABASE'] is {conf.database!r}, but the {cls.__name__} "
+                "backend does not keep its records in a database. Remove DATABASE, or use "
+                "the database backend (BACKEND 'db')."
+            ) from exc
         raise DedupConfigurationError(
-            f"DEDUP_CELERY['OPTIONS'] does not fit {cls.__name__}: {exc}. "
+            f"{SETTING_NAME}['OPTIONS'] does not fit {cls.__name__}: {exc}. "
             f"Accepted options: {', '.join(cls.accepted_options) or 'none'}."
         ) from exc
 
@@ -78,6 +94,12 @@ def reset_backend() -> None:
     global _instance
     with _lock:
         _instance = None
+
+
+@receiver(setting_changed)
+def _on_setting_changed(*, setting: str, **kwargs: Any) -> None:
+    if setting in WATCHED_SETTINGS:
+        reset_backend()
 
 
 __all__ = ["BaseBackend", "get_backend", "load_backend_class", "reset_backend"]

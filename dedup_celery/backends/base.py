@@ -29,37 +29,17 @@ purge          expired, re-checked on delete                        record delet
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import enum
+import typing
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from django.db import models
-from django.utils.translation import gettext_lazy as _
-
-
-class Status(models.TextChoices):
-    """The state of a message record."""
-
-    PROCESSING = "processing", _("processing")
-    CONSUMED = "consumed", _("consumed")
-    #: The body raised (it failed for good, or asked for a retry). Copies of the
-    #: same task id with the same or a lower attempt are stale and are skipped.
-    FAILED = "failed", _("failed")
-    #: Deliveries kept dying while they held the record (MAX_TAKEOVERS reached).
-    POISONED = "poisoned", _("poisoned")
-
-
-@dataclass(frozen=True)
-class OwnerIdentity:
-    """The process that holds a claim, and what proves it is the same process."""
-
-    hostname: str
-    pid: int
-    process_start: int | None
-    boot_id: str
-    pid_namespace: str
+from dedup_celery.identity import OwnerIdentity
+from dedup_celery.keys import display_key
+from dedup_celery.states import Status
 
 
 @dataclass(frozen=True)
@@ -81,7 +61,11 @@ class Claim:
 
 @dataclass(frozen=True)
 class Record:
-    """A snapshot of one stored record, as the store saw it."""
+    """A snapshot of one stored record, as the store saw it.
+
+    Its fields are the message table's columns, in order: the model, the SQL,
+    the Redis hash, the admin and the commands all follow :data:`RECORD_FIELDS`.
+    """
 
     scope: str
     key: str
@@ -107,7 +91,70 @@ class Record:
     last_duplicate_at: datetime.datetime | None
     result: Any
     payload_digest: str | None
+    #: Judged by the store's clock when the record was read; not a column.
     lease_expired: bool | None = None
+
+
+#: The stored fields of a record (the message table's columns), in order.
+RECORD_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(Record) if f.name != "lease_expired"
+)
+#: What each field holds: ``"text"``, ``"int"``, ``"datetime"`` or ``"json"``,
+#: with ``"?"`` appended where it may be empty; read off :class:`Record`'s types.
+FIELD_KINDS: dict[str, str] = {
+    name: (
+        "json"
+        if hint is Any
+        else {str: "text", int: "int", datetime.datetime: "datetime"}[
+            next(arg for arg in typing.get_args(hint) or (hint,) if arg is not type(None))
+        ]
+        + ("?" if type(None) in typing.get_args(hint) else "")
+    )
+    for name, hint in typing.get_type_hints(Record).items()
+    if name != "lease_expired"
+}
+#: The duplicate counters, which start at zero.
+COUNTERS: tuple[str, ...] = ("skipped", "rescheduled", "takeovers")
+#: Fields a new claim of an existing record keeps; a claim or takeover sets every other one.
+KEPT_BY_CLAIMS: tuple[str, ...] = (
+    "scope",
+    "key_digest",
+    "created_at",
+    *COUNTERS,
+    "last_duplicate_at",
+)
+#: Fields a claim or takeover replaces (``takeovers`` is set by the store's decision).
+REPLACED_BY_CLAIMS: tuple[str, ...] = tuple(f for f in RECORD_FIELDS if f not in KEPT_BY_CLAIMS)
+
+
+#: Fields a claim writes from itself: the display key, the status and the owner's identity.
+CLAIMANT_FIELDS: tuple[str, ...] = (
+    "key", "status", "owner", "task_id", "task_name", "attempt",
+    "hostname", "pid", "process_start", "boot_id", "pid_namespace",
+)  # fmt: skip
+
+
+def claimant_values(claim: Claim, status: str) -> dict[str, Any]:
+    """Return :data:`CLAIMANT_FIELDS` and their values for *claim*, with *status*.
+
+    Every backend writes a claim's record from this one mapping; the store
+    adds its own times and counters.
+    """
+    ident = claim.identity
+    values = (
+        display_key(claim.key),
+        status,
+        claim.owner,
+        claim.task_id,
+        claim.task_name[:255],
+        claim.attempt,
+        ident.hostname,
+        ident.pid,
+        ident.process_start,
+        ident.boot_id,
+        ident.pid_namespace,
+    )
+    return dict(zip(CLAIMANT_FIELDS, values, strict=True))
 
 
 class Verdict(enum.Enum):
@@ -163,20 +210,24 @@ class BaseBackend:
     """Base class for message-table backends.
 
     Subclasses are instantiated once per process by
-    :func:`dedup_celery.backends.get_backend`. ``__init__`` must not do I/O:
-    it runs at import time in some deployments, before any server is reachable.
-    Every method that talks to the store raises
-    :class:`~dedup_celery.exceptions.StorageError` when the store cannot be
-    reached or refuses the statement.
+    :func:`dedup_celery.backends.get_backend`, with ``DEDUP_CELERY['OPTIONS']``
+    as keyword arguments. ``__init__`` must not do I/O: it runs at import time
+    in some deployments, before any server is reachable. Every method that
+    talks to the store raises :class:`~dedup_celery.exceptions.StorageError`
+    when the store cannot be reached or refuses the statement.
     """
 
     #: Keyword arguments ``__init__`` accepts from ``DEDUP_CELERY['OPTIONS']``.
     accepted_options: ClassVar[tuple[str, ...]] = ()
-    #: Whether ``dedup_transactional=True`` tasks can use this backend.
+    #: Whether ``dedup_transactional=True`` tasks can use this backend (see
+    #: :class:`TransactionalBackend`).
     supports_transactional: ClassVar[bool] = False
 
-    def __init__(self, *, database: str | None = None) -> None:
-        self.database_setting = database
+    def _missing(self, method: str) -> NotImplementedError:
+        return NotImplementedError(
+            f"{type(self).__name__} does not implement {method}(); subclasses of "
+            f"{BaseBackend.__name__} must provide a {method}() method."
+        )
 
     def claim(self, claim: Claim) -> ClaimOutcome:
         """Claim, take over, or count a duplicate, in one atomic step.
@@ -188,7 +239,7 @@ class BaseBackend:
         step. A retried call with the same owner token (for example after a
         lost reply) must report the claim as its own.
         """
-        raise NotImplementedError
+        raise self._missing("claim")
 
     def complete(self, claim: Claim, result: Any) -> bool:
         """Mark the record CONSUMED if ``owner`` is still *claim*'s token.
@@ -200,17 +251,19 @@ class BaseBackend:
         JSON-ready value to store (``None`` stores nothing). Returns False when
         another owner holds the record: the lease was lost.
         """
-        raise NotImplementedError
+        raise self._missing("complete")
 
     def release(self, scope: str, key_digest: str, owner: str, *, expired_only: bool) -> bool:
         """Delete a PROCESSING or POISONED record owned by *owner*; return whether it went.
 
-        Must be atomic (compare-and-delete). With *expired_only*, a PROCESSING
-        record goes only if its lease has expired. The admin action and
-        ``dedup_release`` use this for an operator's release, and the task after
-        a body that raised ``Reject(requeue=True)``.
+        Must be atomic (compare-and-delete) and apply
+        :func:`dedup_celery.states.may_release` with ``force=not expired_only``:
+        with *expired_only*, a PROCESSING record goes only if its lease has
+        expired. The admin action and ``dedup_release`` use this for an
+        operator's release, and the task after a body that raised
+        ``Reject(requeue=True)``.
         """
-        raise NotImplementedError
+        raise self._missing("release")
 
     def fail(self, claim: Claim) -> bool:
         """Turn *claim*'s PROCESSING record into a FAILED one until RECORD_TTL.
@@ -219,14 +272,14 @@ class BaseBackend:
         task id and attempt, so a stale copy of the same delivery is skipped,
         while a retry (a higher attempt) or another task id claims it.
         """
-        raise NotImplementedError
+        raise self._missing("fail")
 
     def renew(self, claim: Claim) -> bool:
         """Extend *claim*'s lease to now + lease; False if it no longer owns the record.
 
         Must be atomic and conditioned on the owner token and PROCESSING.
         """
-        raise NotImplementedError
+        raise self._missing("renew")
 
     def expire_lease(self, scope: str, key_digest: str, owner: str) -> bool:
         """End the lease of a PROCESSING record owned by *owner* now (its owner is gone).
@@ -234,7 +287,7 @@ class BaseBackend:
         Must be atomic and conditioned on the owner token. The next claim then
         takes the record over, and counts the takeover.
         """
-        raise NotImplementedError
+        raise self._missing("expire_lease")
 
     def expire_lease_of_process(
         self, scope: str, key_digest: str, task_id: str, identity: OwnerIdentity
@@ -245,11 +298,11 @@ class BaseBackend:
         its owner token. Must be atomic and conditioned on the task id and the
         whole identity (host, pid, process start, boot id, pid namespace).
         """
-        raise NotImplementedError
+        raise self._missing("expire_lease_of_process")
 
     def get(self, scope: str, key_digest: str) -> Record | None:
         """Return the record for (scope, key digest), or None. Read only."""
-        raise NotImplementedError
+        raise self._missing("get")
 
     def purge_expired(
         self, *, batch_size: int = 1000, dry_run: bool = False, pause: float = 0.0
@@ -260,35 +313,73 @@ class BaseBackend:
         renewed or taken over meanwhile survives. With *dry_run*, count only.
         *pause* is a sleep between batches, to spare the store's other users.
         """
-        raise NotImplementedError
+        raise self._missing("purge_expired")
 
     def describe(self) -> str:
         """Return a short human description of where records live (for logs and commands)."""
         return type(self).__name__
 
-    # Transactional mode: only backends with ``supports_transactional = True``
-    # implement these.
+    def check(self) -> list[Any]:
+        """Return Django system check messages about this store (``dedup_celery.E0xx/W0xx``).
 
-    def transaction(self) -> AbstractContextManager[None]:
-        """Return the context manager of the transaction holding the claim and the body."""
-        raise NotImplementedError
-
-    def in_outer_transaction(self) -> bool:
-        """True if a transaction is already open where :meth:`transaction` would open one."""
-        raise NotImplementedError
-
-    def transaction_broken(self) -> bool:
-        """True if the open transaction can only roll back (a database error was caught)."""
-        raise NotImplementedError
-
-    def claim_in_transaction(self, claim: Claim) -> ClaimOutcome:
-        """Insert a CONSUMED record inside the open transaction, or count the duplicate.
-
-        Must not wait for a copy whose transaction is still open: that is
-        :attr:`Verdict.IN_FLIGHT` with ``record=None``.
+        Called by the system checks once the settings are valid. It may talk to
+        the store; a store that cannot be reached gives no message here.
         """
-        raise NotImplementedError
+        return []
 
-    def store_result(self, claim: Claim, result: Any) -> None:
-        """Store *result* on the record *claim* owns, inside the open transaction."""
-        raise NotImplementedError
+    def ready_problems(self) -> list[str]:
+        """Return problems to log at ERROR when a worker starts (for example a missing table)."""
+        return []
+
+
+class TransactionalClaim:
+    """One transactional claim in its open transaction: what the claim found, and what to store.
+
+    Set :attr:`result` (a JSON-ready value) inside the block to store it on the
+    record before COMMIT.
+    """
+
+    def __init__(self, outcome: ClaimOutcome) -> None:
+        self.outcome = outcome
+        self.result: Any = None
+
+
+class TransactionalBackend(BaseBackend):
+    """A backend whose store is the body's database: the claim and the body share a transaction."""
+
+    supports_transactional: ClassVar[bool] = True
+
+    def transactional_claim(self, claim: Claim) -> AbstractContextManager[TransactionalClaim]:
+        """Open a transaction, claim inside it, and COMMIT when the block ends.
+
+        The claim inserts a CONSUMED record, or counts the duplicate; it never
+        waits for a copy whose transaction is still open (that is
+        :attr:`Verdict.IN_FLIGHT` with ``record=None``). The body runs inside the
+        block. Raises:
+
+        * :class:`~dedup_celery.exceptions.OuterTransactionError` before
+          anything, if a transaction is already open where this one would be;
+        * :class:`~dedup_celery.exceptions.StorageError` if opening, the claim,
+          storing the result or COMMIT fails (nothing is committed then);
+        * :class:`~dedup_celery.exceptions.DedupError` if the body caught a
+          database error and returned, leaving the transaction able only to
+          roll back;
+        * whatever the body raised, unchanged, after the rollback.
+        """
+        raise self._missing("transactional_claim")
+
+
+__all__ = [
+    "RECORD_FIELDS",
+    "BaseBackend",
+    "Claim",
+    "ClaimOutcome",
+    "OwnerIdentity",
+    "Record",
+    "Status",
+    "TransactionalBackend",
+    "TransactionalClaim",
+    "Verdict",
+    "claimant_values",
+    "outcome_for",
+]

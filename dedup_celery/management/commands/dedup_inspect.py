@@ -10,6 +10,7 @@ from dedup_celery.management.commands._records import (
     format_record,
     key_digest_from,
 )
+from dedup_celery.operator import inspect_record
 
 
 class Command(BaseCommand):
@@ -23,8 +24,9 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         """Read the record and print it."""
-        backend = get_backend()
-        record = backend.get(options["scope"], key_digest_from(options))
+        record = inspect_record(options["scope"], key_digest_from(options))
         if record is None:
-            raise CommandError(f"No record for that scope and key in the {backend.describe()}.")
+            raise CommandError(
+                f"No record for that scope and key in the {get_backend().describe()}."
+            )
         self.stdout.write(format_record(record))

@@ -5,6 +5,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from dedup_celery.backends import get_backend
+from dedup_celery.operator import purge_expired
 
 
 class Command(BaseCommand):
@@ -33,9 +34,8 @@ class Command(BaseCommand):
         """Purge and print the count."""
         if batch_size < 1:
             raise CommandError("--batch-size must be 1 or more.")
-        backend = get_backend()
         if pause < 0:
             raise CommandError("--pause must be 0 or more.")
-        count = backend.purge_expired(batch_size=batch_size, dry_run=dry_run, pause=pause)
+        count = purge_expired(batch_size=batch_size, dry_run=dry_run, pause=pause)
         verb = "would be deleted" if dry_run else "deleted"
-        self.stdout.write(f"{count} expired record(s) {verb} from the {backend.describe()}.")
+        self.stdout.write(f"{count} expired record(s) {verb} from the {get_backend().describe()}.")

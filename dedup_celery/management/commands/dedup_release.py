@@ -5,13 +5,12 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from dedup_celery.backends import get_backend
-from dedup_celery.backends.base import Status
 from dedup_celery.management.commands._records import (
     add_record_arguments,
     format_record,
     key_digest_from,
 )
-from dedup_celery.operations import operator_release
+from dedup_celery.operator import inspect_record, refusal, release_record
 
 
 class Command(BaseCommand):
@@ -38,23 +37,19 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         """Compare-and-delete the record and say what happened."""
-        backend = get_backend()
-        scope, key_digest = options["scope"], key_digest_from(options)
-        record = backend.get(scope, key_digest)
+        scope, key_digest, force = options["scope"], key_digest_from(options), options["force"]
+        record = inspect_record(scope, key_digest)
         if record is None:
-            raise CommandError(f"No record for that scope and key in the {backend.describe()}.")
-        self.stdout.write(format_record(record))
-        if record.status not in (Status.PROCESSING, Status.POISONED):
             raise CommandError(
-                f"The record is {record.status}, not processing or poisoned: not released."
+                f"No record for that scope and key in the {get_backend().describe()}."
             )
-        owner = options["owner"] or record.owner
-        if not operator_release(backend, scope, key_digest, owner, force=options["force"]):
-            reason = (
-                "its lease is live (use --force only if the owner is gone)"
-                if record.lease_expired is False and not options["force"]
-                else "its owner changed"
-            )
+        self.stdout.write(format_record(record))
+        reason = refusal(record, force=force)
+        if reason is None and not release_record(
+            scope, key_digest, options["owner"] or record.owner or "", force=force
+        ):
+            reason = "its owner changed"
+        if reason is not None:
             raise CommandError(f"Not released: {reason}.")
         self.stdout.write(
             "Released. Nothing was re-sent: the next delivery of the message runs the body."

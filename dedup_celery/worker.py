@@ -1,4 +1,4 @@
-"""The worker-side request of a DedupTask, used by the worker's main process.
+"""``DedupTask.Request``: the worker-side request, used by the worker's main process.
 
 When a prefork child is SIGKILLed (or OOM-killed) mid-task, Celery's main
 process gets ``WorkerLostError`` and requeues the message (``reject_on_worker_lost``).
@@ -19,9 +19,10 @@ from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
 from celery.worker.request import Request
 
-from dedup_celery.backends.base import OwnerIdentity
-from dedup_celery.identity import current_identity, process_start_ticks
-from dedup_celery.keys import digest
+from dedup_celery.exceptions import DedupKeyError
+from dedup_celery.identity import OwnerIdentity, current_identity, process_start_ticks
+from dedup_celery.keys import digest, message_key
+from dedup_celery.options import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +57,16 @@ class DedupRequest(Request):
 
     def _expire_dead_child_lease(self) -> None:
         task = self.task
-        if getattr(task, "dedup_transactional", False) or not self.worker_pid:
+        if not self.worker_pid:
+            return
+        options = resolve(task)
+        if options.transactional:
             return  # a transactional claim died with the child's transaction
-        from dedup_celery.task import task_key_function
-
-        key_function = task_key_function(task)
-        key = self.id if key_function is None else key_function(*self.args, **self.kwargs)
-        if not isinstance(key, str) or not key:
+        try:
+            key = message_key(task, options.key_function, self.id, self.args, self.kwargs)
+        except DedupKeyError:
+            return  # the delivery itself failed on its key; it claimed nothing
+        if key is None:
             return
         me = current_identity()
         child = OwnerIdentity(
@@ -72,7 +76,7 @@ class DedupRequest(Request):
             boot_id=me.boot_id,
             pid_namespace=me.pid_namespace,
         )
-        scope = task.dedup_scope or task.name
+        scope = options.scope
         outcome: dict[str, Any] = {}
 
         def expire() -> None:

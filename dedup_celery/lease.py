@@ -1,9 +1,5 @@
-"""Getting a message going again after its owner died, and keeping a live owner's lease.
+"""Work beside a running body: renewing its lease, and retrying a store write in the background.
 
-* :func:`owner_is_gone` judges, from the identity recorded on a claim, that the
-  owning process no longer exists, so its lease can end at once.
-* :func:`earlier_attempt_is_over` lets a copy that lands in the owner process
-  itself take over, when that process provably runs nothing else.
 * :class:`Heartbeat` renews a lease while a long body runs.
 * :func:`retry_in_background` keeps trying a store write (a release after a
   failed body, while the store is down) without holding the task up.
@@ -12,90 +8,15 @@
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from dedup_celery.backends.base import BaseBackend, Claim, Record
+from dedup_celery.backends.base import BaseBackend, Claim
 from dedup_celery.exceptions import StorageError
-from dedup_celery.identity import current_identity, process_start_ticks
 
 logger = logging.getLogger(__name__)
-
-_bodies_lock = threading.Lock()
-_bodies_running = 0
-
-
-def owner_is_gone(record: Record) -> bool:
-    """True only if the process that holds *record* provably no longer exists.
-
-    Host names and pids prove nothing across machines or containers, so the
-    record must carry this machine's boot id and this process's pid namespace.
-    Then the pid names the same process only if it still has the recorded start
-    time; no such pid, or another start time, means the owner is gone.
-    """
-    me = current_identity()
-    if not record.boot_id or record.boot_id != me.boot_id:
-        return False
-    if not record.pid_namespace or record.pid_namespace != me.pid_namespace:
-        return False
-    if record.pid is None or record.process_start is None:
-        return False
-    if record.pid == me.pid:
-        return False  # that is this process: see earlier_attempt_is_over()
-    return process_start_ticks(record.pid) != record.process_start
-
-
-def is_this_process(record: Record) -> bool:
-    """True if *record*'s owner identity is exactly this process."""
-    me = current_identity()
-    return (
-        bool(me.boot_id)
-        and record.boot_id == me.boot_id
-        and record.pid_namespace == me.pid_namespace
-        and record.pid == me.pid
-        and record.process_start == me.process_start
-    )
-
-
-def _green_threads() -> bool:
-    gevent_monkey = sys.modules.get("gevent.monkey")
-    if gevent_monkey is not None and gevent_monkey.is_module_patched("threading"):
-        return True
-    eventlet_patcher = sys.modules.get("eventlet.patcher")
-    return eventlet_patcher is not None and eventlet_patcher.is_monkey_patched("thread")
-
-
-def earlier_attempt_is_over(record: Record) -> bool:
-    """True if *record* is held by this very process and that attempt has ended.
-
-    In the prefork and solo pools a process runs one task at a time, so while
-    this delivery runs, no earlier attempt can still be running here. Thread,
-    gevent and eventlet pools run several tasks in one process, so there the
-    answer is always False.
-    """
-    if not is_this_process(record):
-        return False
-    if threading.current_thread() is not threading.main_thread() or _green_threads():
-        return False
-    with _bodies_lock:
-        return _bodies_running == 0
-
-
-class running_body:
-    """Count the bodies running in this process (see :func:`earlier_attempt_is_over`)."""
-
-    def __enter__(self) -> None:
-        global _bodies_running
-        with _bodies_lock:
-            _bodies_running += 1
-
-    def __exit__(self, *exc: object) -> None:
-        global _bodies_running
-        with _bodies_lock:
-            _bodies_running -= 1
 
 
 def _close_thread_connections() -> None:

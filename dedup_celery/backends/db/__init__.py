@@ -1,0 +1,408 @@
+"""The database backend: the message table is the ``DedupRecord`` model.
+
+The statements live in :mod:`.sql`, the clock SQL in :mod:`dedup_celery.clock`,
+the portable claim (MySQL, MariaDB) in :mod:`dedup_celery.managers`, and the
+prepared-statement runner in :mod:`.connection`; this module holds the contract.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+from django.conf import settings
+from django.core import checks
+from django.db import IntegrityError, connections, router, transaction
+from django.db.models.functions import Now
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from dedup_celery.backends.base import (
+    FIELD_KINDS,
+    RECORD_FIELDS,
+    Claim,
+    ClaimOutcome,
+    OwnerIdentity,
+    Record,
+    TransactionalBackend,
+    TransactionalClaim,
+    Verdict,
+    claimant_values,
+    outcome_for,
+)
+from dedup_celery.backends.db import sql
+from dedup_celery.backends.db.connection import (
+    DRIVER_ERRORS,
+    execute,
+    storage_error,
+    storage_errors,
+    transaction_broken,
+)
+from dedup_celery.clock import SUPPORTED_VENDORS, NowPlus, now_plus_sql
+from dedup_celery.exceptions import DedupConfigurationError, DedupError, OuterTransactionError
+from dedup_celery.models import DedupRecord
+from dedup_celery.states import Status
+
+# Vendors that run the one-statement claim; the others take the portable path.
+_UPSERT_VENDORS = ("postgresql", "sqlite")
+
+
+def message_table_alias(database: str | None = None) -> str:
+    """The database alias of the message table: *database*, or the router's choice for writes.
+
+    The backend, the admin and the commands all use this alias.
+    """
+    return database or router.db_for_write(DedupRecord)
+
+
+class DatabaseBackend(TransactionalBackend):
+    """Stores message records in the ``DedupRecord`` table through the Django ORM's connections.
+
+    ``DEDUP_CELERY['DATABASE']`` picks the alias; None lets the database routers
+    choose (``db_for_write``). This is the only backend that supports
+    transactional mode.
+    """
+
+    accepted_options: ClassVar[tuple[str, ...]] = ("prepare_statements",)
+    table: ClassVar[str] = DedupRecord._meta.db_table
+
+    def __init__(self, *, database: str | None = None, prepare_statements: bool = True) -> None:
+        """Create the backend; no I/O.
+
+        *prepare_statements*: on PostgreSQL with psycopg 3, run the claim and the
+        complete as server-side prepared statements, planned once per connection.
+        Turn it off behind a connection pooler that cannot keep prepared statements
+        (PgBouncer before 1.21 in transaction mode).
+        """
+        if not isinstance(prepare_statements, bool):
+            raise DedupConfigurationError(
+                "DEDUP_CELERY['OPTIONS']['prepare_statements'] must be True or False."
+            )
+        self.database_setting = database
+        self.prepare_statements = prepare_statements
+        # SQL text per (vendor, statement, ...); built lazily because __init__ does no I/O.
+        self._sql: dict[tuple[Any, ...], str] = {}
+        # Tests set this to run the portable path on PostgreSQL and SQLite too.
+        self._force_generic = False
+
+    # -- where and how -------------------------------------------------------------
+
+    @property
+    def alias(self) -> str:
+        """The database alias the message table lives in."""
+        return message_table_alias(self.database_setting)
+
+    def describe(self) -> str:
+        """Name the database the records are in."""
+        return f"database {self.alias!r} (table {self.table})"
+
+    def _records(self) -> Any:
+        return DedupRecord.objects.using(self.alias)
+
+    def _upsert(self, connection: Any) -> bool:
+        return not self._force_generic and connection.vendor in _UPSERT_VENDORS
+
+    def _statement(self, connection: Any, name: str, *args: Any, **options: Any) -> str:
+        cache_key = (connection.vendor, name, *args, *sorted(options.items()))
+        text = self._sql.get(cache_key)
+        if text is None:
+            qn = connection.ops.quote_name
+            build = getattr(sql, f"{name}_sql")
+            text = build(connection.vendor, qn, qn(self.table), *args, **options)
+            self._sql[cache_key] = text
+        return text
+
+    def _owner_param(self, owner: str, connection: Any) -> Any:
+        field = DedupRecord._meta.get_field("owner")
+        return field.get_db_prep_value(uuid.UUID(owner), connection)
+
+    @staticmethod
+    def _to_datetime(value: Any) -> datetime.datetime | None:
+        if value is not None and not isinstance(value, datetime.datetime):
+            value = parse_datetime(str(value))
+        if value is not None and settings.USE_TZ and timezone.is_naive(value):
+            value = timezone.make_aware(value, datetime.timezone.utc)
+        return value
+
+    def _record_from_row(self, row: dict[str, Any]) -> Record:
+        values = {name: row[name] for name in RECORD_FIELDS}
+        for name in RECORD_FIELDS:
+            if FIELD_KINDS[name].startswith("datetime"):
+                values[name] = self._to_datetime(values[name])
+        if values["owner"] is not None:
+            values["owner"] = uuid.UUID(str(values["owner"])).hex
+        if isinstance(values["result"], str):
+            values["result"] = json.loads(values["result"])
+        lease_expired = row.get("lease_expired")
+        return Record(
+            **values, lease_expired=None if lease_expired is None else bool(lease_expired)
+        )
+
+    # -- claims -------------------------------------------------------------------
+
+    def _claim(self, claim: Claim, *, transactional: bool) -> ClaimOutcome:
+        connection = connections[self.alias]
+        if not self._upsert(connection):
+            return self._records().claim_portable(claim, transactional=transactional)
+        text = self._statement(
+            connection,
+            "claim",
+            transactional=transactional,
+            max_takeovers=claim.max_takeovers,
+            record_ttl=claim.record_ttl,
+        )
+        status = Status.CONSUMED if transactional else Status.PROCESSING
+        values = {"scope": claim.scope, "key_digest": claim.key_digest}
+        values.update(claimant_values(claim, status.value))
+        values["owner"] = self._owner_param(claim.owner, connection)
+        seconds = claim.record_ttl if transactional else claim.lease_seconds
+        params = sql.param_list(values) + now_plus_sql(connection.vendor, seconds)[1]
+        if connection.vendor == "postgresql" and transactional:
+            params.append(sql.advisory_lock_key(claim.scope, claim.key_digest))
+        row, names = execute(connection, text, params, fetch=True, prepare=self.prepare_statements)
+        if row is None:
+            return ClaimOutcome(verdict=Verdict.IN_FLIGHT, record=None)
+        values = dict(zip(names, row, strict=True))
+        changed_now = bool(values.pop("changed_now"))
+        return outcome_for(claim, self._record_from_row(values), changed_now=changed_now)
+
+    @storage_errors
+    def claim(self, claim: Claim) -> ClaimOutcome:
+        """Claim in status mode (see :meth:`BaseBackend.claim`)."""
+        return self._claim(claim, transactional=False)
+
+    @contextmanager
+    def transactional_claim(self, claim: Claim) -> Iterator[TransactionalClaim]:
+        """Claim and run the body in one ``transaction.atomic`` on the message table's alias.
+
+        On PostgreSQL a copy whose transaction is still open makes the claim
+        :attr:`Verdict.IN_FLIGHT` at once (``pg_try_advisory_xact_lock``);
+        SQLite serialises writers, and MySQL waits for the row lock up to
+        ``innodb_lock_wait_timeout``. See
+        :meth:`TransactionalBackend.transactional_claim` for the errors.
+        """
+        alias = self.alias
+        connection = connections[alias]
+        if connection.in_atomic_block:
+            raise OuterTransactionError(
+                f"Task {claim.task_name!r} is transactional but was called inside an open "
+                f"transaction on the {self.describe()} (ATOMIC_REQUESTS, an eager call or "
+                "apply() inside transaction.atomic). Its record would only be a savepoint. "
+                "Send it with delay_on_commit(), or call it outside the atomic block."
+            )
+        atomic = transaction.atomic(using=alias)
+        try:
+            atomic.__enter__()
+        except DRIVER_ERRORS as exc:
+            raise storage_error(alias, self.table, exc) from exc
+        try:
+            try:
+                handle = TransactionalClaim(self._claim(claim, transactional=True))
+            except DRIVER_ERRORS as exc:
+                raise storage_error(alias, self.table, exc) from exc
+            yield handle
+            if handle.outcome.verdict.claimed:
+                if transaction_broken(connection):
+                    raise DedupError(
+                        f"{claim.task_name}[{claim.task_id}]: the body caught a database error "
+                        "and returned normally, which left its transaction marked for "
+                        "rollback; nothing was committed. Let the error propagate, or "
+                        "wrap the failing statement in its own transaction.atomic()."
+                    )
+                if handle.result is not None:
+                    self._store_result(claim, handle.result)
+        except BaseException:
+            atomic.__exit__(*sys.exc_info())
+            raise
+        try:
+            atomic.__exit__(None, None, None)
+        except DRIVER_ERRORS as exc:
+            raise storage_error(alias, self.table, exc) from exc
+
+    @storage_errors
+    def _store_result(self, claim: Claim, result: Any) -> None:
+        self._records().for_key(claim.scope, claim.key_digest).filter(
+            owner=uuid.UUID(claim.owner)
+        ).update(result=result)
+
+    # -- the owner's transitions -----------------------------------------------------
+
+    @storage_errors
+    def complete(self, claim: Claim, result: Any) -> bool:
+        """Mark the record CONSUMED if *claim* still owns it (see :meth:`BaseBackend.complete`)."""
+        records = self._records()
+        connection = connections[self.alias]
+        if not self._upsert(connection):
+            updated = (
+                records.for_key(claim.scope, claim.key_digest)
+                .filter(owner=uuid.UUID(claim.owner))
+                .update(
+                    status=Status.CONSUMED,
+                    expires_at=NowPlus(claim.record_ttl),
+                    consumed_at=Now(),
+                    updated_at=Now(),
+                    result=result,
+                )
+            )
+        else:
+            updated = execute(
+                connection,
+                self._statement(connection, "complete"),
+                [
+                    Status.CONSUMED.value,
+                    *now_plus_sql(connection.vendor, claim.record_ttl)[1],
+                    None if result is None else json.dumps(result),
+                    claim.scope,
+                    claim.key_digest,
+                    self._owner_param(claim.owner, connection),
+                ],
+                fetch=False,
+                prepare=self.prepare_statements,
+            )
+        if updated:
+            return True
+        # The record is gone (purged or released after the lease expired) or
+        # someone else owns it. Recreate it only if it is gone.
+        fields = records.claim_fields(claim, transactional=True)
+        fields["result"] = result
+        try:
+            with transaction.atomic(using=self.alias):
+                records.create(
+                    scope=claim.scope, key_digest=claim.key_digest, created_at=Now(), **fields
+                )
+        except IntegrityError:
+            return False
+        return True
+
+    @storage_errors
+    def release(self, scope: str, key_digest: str, owner: str, *, expired_only: bool) -> bool:
+        """Compare-and-delete a PROCESSING or POISONED record (see :meth:`BaseBackend.release`)."""
+        connection = connections[self.alias]
+        text = self._statement(connection, "release", expired_only=expired_only)
+        with connection.cursor() as cursor:
+            cursor.execute(text, [scope, key_digest, self._owner_param(owner, connection)])
+            return cursor.rowcount == 1
+
+    @storage_errors
+    def fail(self, claim: Claim) -> bool:
+        """Leave a FAILED record for stale copies to meet (see :meth:`BaseBackend.fail`)."""
+        return bool(
+            self._records()
+            .owned(claim.scope, claim.key_digest, claim.owner)
+            .update(status=Status.FAILED, expires_at=NowPlus(claim.record_ttl), updated_at=Now())
+        )
+
+    @storage_errors
+    def renew(self, claim: Claim) -> bool:
+        """Extend the lease while the owner still holds it (see :meth:`BaseBackend.renew`)."""
+        return bool(
+            self._records()
+            .owned(claim.scope, claim.key_digest, claim.owner)
+            .update(expires_at=NowPlus(claim.lease_seconds), heartbeat_at=Now())
+        )
+
+    @storage_errors
+    def expire_lease(self, scope: str, key_digest: str, owner: str) -> bool:
+        """End a gone owner's lease now (see :meth:`BaseBackend.expire_lease`)."""
+        # A millisecond in the past, so the next statement sees it expired even
+        # on a clock (SQLite's) that only counts milliseconds.
+        return bool(
+            self._records().owned(scope, key_digest, owner).update(expires_at=NowPlus(-0.001))
+        )
+
+    @storage_errors
+    def expire_lease_of_process(
+        self, scope: str, key_digest: str, task_id: str, identity: OwnerIdentity
+    ) -> bool:
+        """End the lease a dead child held (see :meth:`BaseBackend.expire_lease_of_process`)."""
+        return bool(
+            self._records()
+            .for_key(scope, key_digest)
+            .filter(
+                status=Status.PROCESSING,
+                task_id=task_id,
+                hostname=identity.hostname,
+                pid=identity.pid,
+                process_start=identity.process_start,
+                boot_id=identity.boot_id,
+                pid_namespace=identity.pid_namespace,
+            )
+            .update(expires_at=NowPlus(-0.001))
+        )
+
+    # -- reading and purging ---------------------------------------------------------
+
+    @storage_errors
+    def get(self, scope: str, key_digest: str) -> Record | None:
+        """Return the record with a ``lease_expired`` flag computed by the database."""
+        return self._records().fetch(scope, key_digest, with_lease=True)
+
+    @storage_errors
+    def purge_expired(
+        self, *, batch_size: int = 1000, dry_run: bool = False, pause: float = 0.0
+    ) -> int:
+        """Delete expired records in batches of *batch_size*, each in its own short statement.
+
+        *pause* seconds between batches lets the WAL of a large purge drain, so
+        the commits of claims running meanwhile are not held up behind it.
+        """
+        records = self._records()
+        if dry_run:
+            return records.expired().count()
+        connection = connections[self.alias]
+        total = 0
+        while True:
+            ids = list(
+                records.expired().order_by("expires_at").values_list("pk", flat=True)[:batch_size]
+            )
+            if not ids:
+                return total
+            with connection.cursor() as cursor:
+                cursor.execute(self._statement(connection, "purge", len(ids)), ids)
+                total += cursor.rowcount
+            if len(ids) < batch_size:
+                return total
+            if pause:
+                time.sleep(pause)
+
+    # -- checks ----------------------------------------------------------------------
+
+    def check(self) -> list[Any]:
+        """Report a database this backend cannot keep records in (``dedup_celery.E010``)."""
+        vendor = connections[self.alias].vendor
+        if vendor in SUPPORTED_VENDORS:
+            return []
+        return [
+            checks.Error(
+                f"The message table's database {self.alias!r} is {vendor!r}; the database "
+                "backend supports PostgreSQL, SQLite and MySQL/MariaDB.",
+                hint="Point DEDUP_CELERY['DATABASE'] at a supported database, or use "
+                "DEDUP_CELERY['BACKEND'] = 'redis'.",
+                id="dedup_celery.E010",
+            )
+        ]
+
+    def table_exists(self) -> bool:
+        """True if the message table exists on the backend's database (one catalogue query)."""
+        connection = connections[self.alias]
+        with connection.cursor() as cursor:
+            tables = connection.introspection.table_names(cursor)
+        return self.table in tables
+
+    def ready_problems(self) -> list[str]:
+        """Say, when a worker starts, that the message table is missing."""
+        if self.table_exists():
+            return []
+        return [
+            f"the message table does not exist in the {self.describe()}. Every DedupTask "
+            "message is rescheduled until you run 'python manage.py migrate dedup_celery'."
+        ]
+
+
+__all__ = ["DatabaseBackend", "NowPlus", "message_table_alias"]

@@ -1,0 +1,115 @@
+"""Running the database backend's statements: prepared on the server, errors made StorageError."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from django.db import Error, connections
+
+from dedup_celery.exceptions import MissingTableError, StorageError
+
+T = TypeVar("T")
+
+try:  # psycopg 3, for server-side prepared statements; psycopg2 works without them.
+    import psycopg as _psycopg
+except ImportError:  # pragma: no cover - depends on the installed driver
+    _psycopg = None
+
+# Prepared statements run on the driver's own cursor, whose errors Django does not wrap.
+DRIVER_ERRORS: tuple[type[Exception], ...] = (
+    (Error,) if _psycopg is None else (Error, _psycopg.Error)
+)
+# PQTransactionStatus: PQTRANS_INERROR is 3 (psycopg and psycopg2 alike).
+_PQTRANS_INERROR = 3
+
+
+def is_missing_table(exc: Exception, table: str) -> bool:
+    """True if *exc* says *table* does not exist (PostgreSQL, SQLite, MySQL)."""
+    text = str(exc).lower()
+    return table in text and (
+        "does not exist" in text or "no such table" in text or "doesn't exist" in text
+    )
+
+
+def storage_errors(method: Callable[..., T]) -> Callable[..., T]:
+    """Turn a database error into :class:`StorageError`, keeping the original as the cause.
+
+    For methods of a backend with ``alias`` and ``table`` attributes.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> T:
+        try:
+            return method(self, *args, **kwargs)
+        except DRIVER_ERRORS as exc:
+            raise storage_error(self.alias, self.table, exc) from exc
+
+    return wrapper
+
+
+def storage_error(alias: str, table: str, exc: Exception) -> StorageError:
+    """Return the StorageError for *exc*, dropping a broken connection outside a transaction."""
+    connection = connections[alias]
+    if not connection.in_atomic_block:
+        # Drop a broken connection now, so a retry opens a fresh one.
+        connection.close_if_unusable_or_obsolete()
+    if is_missing_table(exc, table):
+        return MissingTableError(
+            f"the message table {table} does not exist on database {alias!r}: run "
+            f"'python manage.py migrate dedup_celery' (--database {alias} if it is not the "
+            f"default). ({exc})".strip()
+        )
+    return StorageError(
+        f"the message table on database {alias!r} failed: {type(exc).__name__}: {exc}".strip()
+    )
+
+
+def execute(connection: Any, sql: str, params: list[Any], *, fetch: bool, prepare: bool) -> Any:
+    """Run one hot-path statement, prepared on the server where that is possible.
+
+    A claim statement takes PostgreSQL about a millisecond to plan; prepared,
+    it is planned once per connection. Returns (row, column names) with
+    *fetch*, else the row count.
+    """
+    if prepare and connection.vendor == "postgresql":
+        connection.ensure_connection()
+        raw = connection.connection
+        if _psycopg is not None and isinstance(raw, _psycopg.Connection):
+            # Django leaves prepare_threshold at None, which makes psycopg ignore
+            # prepare=True; lift it for this one statement only.
+            threshold = raw.prepare_threshold
+            if threshold is None:
+                raw.prepare_threshold = 2**31 - 1
+            try:
+                with _psycopg.Cursor(raw) as cursor:
+                    cursor.execute(sql.replace("%%", "%"), params, prepare=True)
+                    if not fetch:
+                        return cursor.rowcount
+                    row = cursor.fetchone()
+                    return row, [column.name for column in cursor.description or ()]
+            finally:
+                raw.prepare_threshold = threshold
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        if not fetch:
+            return cursor.rowcount
+        row = cursor.fetchone()
+        return row, [column[0] for column in cursor.description or ()]
+
+
+def transaction_broken(connection: Any) -> bool:
+    """True if a database error inside the atomic block doomed it to roll back.
+
+    Django flags that only when the error left an inner atomic block. A
+    statement that failed and was caught inside the body leaves PostgreSQL's
+    transaction aborted, and its COMMIT would silently roll back; libpq
+    tracks that state locally, so reading it costs no round trip.
+    """
+    if connection.needs_rollback:
+        return True
+    if connection.vendor != "postgresql" or connection.connection is None:
+        return False
+    info = getattr(connection.connection, "info", None)
+    return getattr(info, "transaction_status", None) == _PQTRANS_INERROR

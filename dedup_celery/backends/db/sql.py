@@ -1,0 +1,210 @@
+"""The database backend's statements, built once per vendor and option set.
+
+On PostgreSQL and SQLite a claim is one ``INSERT … ON CONFLICT DO UPDATE …
+RETURNING`` statement that claims, takes over or counts the duplicate, decided
+by the database on the row it locked. Columns come from
+:data:`~dedup_celery.backends.base.RECORD_FIELDS` and status names from
+:mod:`dedup_celery.states`; neither is typed here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+from dedup_celery.backends.base import CLAIMANT_FIELDS, COUNTERS, RECORD_FIELDS, REPLACED_BY_CLAIMS
+from dedup_celery.clock import now_plus_literal, now_plus_sql, now_sql
+from dedup_celery.states import RELEASABLE, Status
+
+#: Columns a claim's parameters fill, in RECORD_FIELDS order; the rest are the store's.
+CLAIM_PARAMETERS: tuple[str, ...] = tuple(
+    c for c in RECORD_FIELDS if c in ("scope", "key_digest", *CLAIMANT_FIELDS)
+)
+# Columns whose new value a claim's own decision (status, expiry, time) sets.
+_DECIDED = ("status", "expires_at", "updated_at")
+
+
+def q(status: Status) -> str:
+    """A status as an SQL string literal (status names are plain ASCII words)."""
+    return f"'{status.value}'"
+
+
+def advisory_lock_key(scope: str, key_digest: str) -> int:
+    """Return the signed 64-bit PostgreSQL advisory lock number for a (scope, key)."""
+    digest = hashlib.sha256(f"dedup_celery\0{scope}\0{key_digest}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def claim_sql(
+    vendor: str,
+    qn: Callable[[str], str],
+    table: str,
+    *,
+    transactional: bool,
+    max_takeovers: int,
+    record_ttl: float,
+) -> str:
+    """Return the one-statement claim: insert, or decide on the existing row, and return it.
+
+    Parameters: :data:`CLAIM_PARAMETERS`, then the lease (or RECORD_TTL in
+    transactional mode) in seconds, then (PostgreSQL, transactional) the
+    advisory lock key.
+    """
+
+    def old(column: str) -> str:
+        return f"r.{qn(column)}"
+
+    def new(column: str) -> str:
+        return f"excluded.{qn(column)}"
+
+    now = now_sql(vendor)
+    status = old("status")
+    d = {
+        "mine": f"{old('owner')} = {new('owner')}",
+        "processing": f"{status} = {q(Status.PROCESSING)}",
+    }
+    expired = f"{old('expires_at')} < {now}"
+    stale = (
+        f"({status} = {q(Status.FAILED)} AND NOT ({expired}) AND "
+        f"{old('task_id')} = {new('task_id')} AND {old('attempt')} >= {new('attempt')})"
+    )
+    lapsed = f"NOT ({d['mine']}) AND {d['processing']} AND {expired} AND {old('takeovers')}"
+    d["take"] = f"({lapsed} < {int(max_takeovers)})"
+    d["poison"] = f"({lapsed} >= {int(max_takeovers)})"
+    d["fresh"] = (
+        f"(NOT ({d['mine']}) AND (({status} IN ({q(Status.CONSUMED)}, {q(Status.POISONED)}) "
+        f"AND {expired}) OR ({status} = {q(Status.FAILED)} AND NOT {stale})))"
+    )
+    d["claimed"] = f"({d['take']} OR {d['fresh']})"
+    d["dup"] = f"(NOT ({d['mine']}) AND NOT {d['claimed']} AND NOT {d['poison']})"
+    values = _decided_values(old, new, now, d, now_plus_literal(vendor, record_ttl))
+    if vendor == "postgresql":
+        assignments = [_pg_assignment(qn, values, d)]
+    else:
+        # SQLite: each column repeats the decision (it has no multi-column SET from a row).
+        assignments = [
+            f"{qn(column)} = {value.format(**{k: f'({v})' for k, v in d.items()})}"
+            for column, value in values.items()
+        ]
+    result = f"{qn('result')}::text" if vendor == "postgresql" else qn("result")
+    returning = [qn(c) if c != "result" else f"{result} AS {qn('result')}" for c in RECORD_FIELDS]
+    returning += [
+        f"({qn('expires_at')} < {now}) AS {qn('lease_expired')}",
+        f"({qn('updated_at')} = {now}) AS {qn('changed_now')}",
+    ]
+    expires, _ = now_plus_sql(vendor, 0)
+    store_values = {
+        "created_at": now,
+        "updated_at": now,
+        "expires_at": expires,
+        "consumed_at": now if transactional else "NULL",
+        **dict.fromkeys(COUNTERS, "0"),
+    }
+    inserted = ", ".join(
+        "%s" if c in CLAIM_PARAMETERS else store_values.get(c, "NULL") for c in RECORD_FIELDS
+    )
+    if vendor == "postgresql" and transactional:
+        # The advisory lock makes a copy in flight visible without waiting:
+        # without the lock, the SELECT yields no row and nothing is inserted.
+        # It is a transaction lock, so it ends with the body's transaction.
+        source = f"SELECT {inserted} WHERE pg_try_advisory_xact_lock(%s)"
+    else:
+        source = f"VALUES ({inserted})"
+    return (
+        f"INSERT INTO {table} AS r ({', '.join(qn(c) for c in RECORD_FIELDS)}) {source} "
+        f"ON CONFLICT ({qn('scope')}, {qn('key_digest')}) DO UPDATE SET "
+        + ", ".join(assignments)
+        + " RETURNING "
+        + ", ".join(returning)
+    )
+
+
+def _decided_values(
+    old: Callable[[str], str],
+    new: Callable[[str], str],
+    now: str,
+    d: dict[str, str],
+    poison_expiry: str,
+) -> dict[str, str]:
+    """Each updated column's new value, with the decisions as ``{claimed}``-style fields."""
+    values = {
+        column: f"CASE WHEN {{claimed}} THEN {new(column)} ELSE {old(column)} END"
+        for column in REPLACED_BY_CLAIMS
+        if column not in _DECIDED
+    }
+    values.update(
+        status=f"CASE WHEN {{claimed}} THEN {new('status')} WHEN {{poison}} THEN "
+        f"{q(Status.POISONED)} ELSE {old('status')} END",
+        expires_at=f"CASE WHEN {{claimed}} THEN {new('expires_at')} WHEN {{poison}} THEN "
+        f"{poison_expiry} ELSE {old('expires_at')} END",
+        updated_at=f"CASE WHEN {{claimed}} OR {{poison}} THEN {now} ELSE {old('updated_at')} END",
+        takeovers=f"CASE WHEN {{take}} THEN {old('takeovers')} + 1 WHEN {{fresh}} THEN 0 "
+        f"ELSE {old('takeovers')} END",
+        skipped=f"{old('skipped')} + CASE WHEN {{dup}} AND NOT {{processing}} THEN 1 ELSE 0 END",
+        rescheduled=f"{old('rescheduled')} + CASE WHEN {{dup}} AND {{processing}} THEN 1 "
+        "ELSE 0 END",
+        last_duplicate_at=f"CASE WHEN {{dup}} THEN {now} ELSE {old('last_duplicate_at')} END",
+    )
+    return values
+
+
+def _pg_assignment(qn: Callable[[str], str], values: dict[str, str], d: dict[str, str]) -> str:
+    """One multi-column SET whose decision is computed once, in a sub-select.
+
+    PostgreSQL would otherwise parse and plan each decision again for every
+    column it guards, which made the claim the slowest statement of a task.
+    """
+    names = ("take", "fresh", "poison", "processing", "claimed", "dup")
+    decision = (
+        f"SELECT s.take, s.fresh, s.poison, s.processing, s.take OR s.fresh AS claimed, "
+        f"NOT s.mine AND NOT (s.take OR s.fresh) AND NOT s.poison AS dup FROM (SELECT "
+        f"{d['take']} AS take, {d['fresh']} AS fresh, {d['poison']} AS poison, "
+        f"{d['mine']} AS mine, {d['processing']} AS processing) AS s"
+    )
+    row = ", ".join(v.format(**{n: f"d.{n}" for n in names}) for v in values.values())
+    return f"({', '.join(qn(c) for c in values)}) = (SELECT {row} FROM ({decision}) AS d)"
+
+
+def complete_sql(vendor: str, qn: Callable[[str], str], table: str) -> str:
+    """Return the complete: CONSUMED, RECORD_TTL and the result, if the owner still holds it.
+
+    Parameters: status, the RECORD_TTL parameter, the result JSON, scope, key
+    digest, owner.
+    """
+    now = now_sql(vendor)
+    expires, _ = now_plus_sql(vendor, 0)
+    result = "%s::jsonb" if vendor == "postgresql" else "%s"
+    return (
+        f"UPDATE {table} SET {qn('status')} = %s, "
+        f"{qn('expires_at')} = {expires}, {qn('consumed_at')} = {now}, "
+        f"{qn('updated_at')} = {now}, {qn('result')} = {result} "
+        f"WHERE {qn('scope')} = %s AND {qn('key_digest')} = %s AND {qn('owner')} = %s"
+    )
+
+
+def release_sql(vendor: str, qn: Callable[[str], str], table: str, *, expired_only: bool) -> str:
+    """Return the compare-and-delete of :func:`dedup_celery.states.may_release`.
+
+    Parameters: scope, key digest, owner.
+    """
+    processing, poisoned = RELEASABLE
+    live_ok = "" if not expired_only else f" AND {qn('expires_at')} < {now_sql(vendor)}"
+    return (
+        f"DELETE FROM {table} WHERE {qn('scope')} = %s AND {qn('key_digest')} = %s "
+        f"AND {qn('owner')} = %s AND ({qn('status')} = {q(poisoned)} OR "
+        f"({qn('status')} = {q(processing)}{live_ok}))"
+    )
+
+
+def purge_sql(vendor: str, qn: Callable[[str], str], table: str, count: int) -> str:
+    """Return the delete of *count* ids that re-checks their expiry in the statement itself."""
+    return (
+        f"DELETE FROM {table} WHERE {qn('id')} IN ({', '.join(['%s'] * count)}) "
+        f"AND {qn('expires_at')} < {now_sql(vendor)}"
+    )
+
+
+def param_list(values: dict[str, Any]) -> list[Any]:
+    """Order a claim's parameter values as :data:`CLAIM_PARAMETERS`."""
+    return [values[c] for c in CLAIM_PARAMETERS]

@@ -1,0 +1,26 @@
+-- Mark the record CONSUMED if the owner still holds it; recreate it if it is gone.
+-- KEYS[1]: the record.
+-- ARGV: owner, ttl_ms, result (JSON, or "" for none), scope, key_digest, then
+-- the claimant's fields as name/value pairs (to recreate a record that is gone).
+-- Returns 1, or 0 when another owner holds the record.
+local key = KEYS[1]
+local ttl = tonumber(ARGV[2])
+local current = redis.call('HGET', key, 'owner')
+if current and current ~= ARGV[1] then
+  return 0
+end
+if not current then
+  redis.call('DEL', key)
+  redis.call('HSET', key, unpack(ARGV, 6))
+  redis.call('HSET', key, 'scope', ARGV[4], 'key_digest', ARGV[5], 'created_at', now,
+    'skipped', 0, 'rescheduled', 0, 'takeovers', 0)
+end
+redis.call('HSET', key, 'status', CONSUMED, 'consumed_at', now, 'updated_at', now,
+  'expires_at', now + ttl)
+if ARGV[3] ~= '' then
+  redis.call('HSET', key, 'result', ARGV[3])
+else
+  redis.call('HDEL', key, 'result')
+end
+redis.call('PEXPIRE', key, ttl)
+return 1

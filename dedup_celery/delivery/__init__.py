@@ -1,0 +1,35 @@
+"""One delivery of one message, in status mode or in transactional mode.
+
+:func:`deliver` is what :meth:`DedupTask.__call__ <dedup_celery.task.DedupTask.__call__>`
+hands over to; :mod:`.outcomes` says what a delivery that may not run the body
+does, and :mod:`.results` which results are kept for duplicates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dedup_celery.backends import get_backend
+from dedup_celery.delivery.base import Delivery, logger
+from dedup_celery.delivery.status import StatusDelivery
+from dedup_celery.delivery.transactional import TransactionalDelivery
+from dedup_celery.keys import message_key
+from dedup_celery.options import resolve
+
+
+def deliver(task: Any, args: tuple, kwargs: dict) -> Any:
+    """Run one delivery of *task*'s current request: at most one effect per message key."""
+    request = task.request
+    request.dedup_owner = None
+    options = resolve(task)
+    key = message_key(task, options.key_function, request.id, args, kwargs)
+    if key is None:
+        logger.debug(
+            "%s[%s]: dedup_key returned None, running without dedup", task.name, request.id
+        )
+        return task.run(*args, **kwargs)
+    kind = TransactionalDelivery if options.transactional else StatusDelivery
+    return kind(task, options, key, get_backend(), args, kwargs).run()
+
+
+__all__ = ["Delivery", "StatusDelivery", "TransactionalDelivery", "deliver"]

@@ -1,0 +1,152 @@
+"""What a delivery that may not run the body does: skip, return, fail or reschedule.
+
+* consumed: ``Ignore`` for a redelivery of the consuming message, else the
+  original's stored result;
+* stale (a copy of a delivery whose body already raised): ``Ignore``;
+* poisoned: :class:`~dedup_celery.exceptions.PoisonMessageError`;
+* in flight, or the store failing: a reschedule through Celery's retry
+  machinery that keeps the retry budget.
+
+Each leaves a log line, and a duplicate a signal, so none is silent.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NoReturn
+
+from celery.exceptions import Ignore, Reject
+
+from dedup_celery import signals
+from dedup_celery.backends.base import ClaimOutcome, Verdict
+from dedup_celery.delivery.base import Delivery, logger
+from dedup_celery.delivery.results import original_result
+from dedup_celery.exceptions import (
+    DuplicateInFlightError,
+    MissingTableError,
+    PoisonMessageError,
+    StorageError,
+)
+
+
+def duplicate(delivery: Delivery, outcome: ClaimOutcome) -> Any:
+    """Handle a claim this delivery did not win; return the duplicate's result or raise."""
+    claim, record = delivery.claim, outcome.record
+    if outcome.verdict is Verdict.CONSUMED:
+        assert record is not None
+        logger.info(
+            "%s: duplicate skipped; the message (scope %s, key digest %s) was consumed "
+            "by task id %s (skipped=%d)",
+            delivery.label,
+            claim.scope,
+            claim.key_digest,
+            record.task_id,
+            record.skipped,
+        )
+        delivery.send(signals.duplicate_skipped, record, reason="consumed")
+        if record.task_id == claim.task_id:
+            # A redelivery of the consuming message: leave its stored state alone.
+            raise Ignore()
+        return original_result(delivery, record)
+    if outcome.verdict is Verdict.STALE:
+        assert record is not None
+        logger.info(
+            "%s: stale copy skipped; this delivery (attempt %d) already ran and raised "
+            "(scope %s, key digest %s, recorded attempt %d). A retry, or a new task id, "
+            "runs it again.",
+            delivery.label,
+            claim.attempt,
+            claim.scope,
+            claim.key_digest,
+            record.attempt,
+        )
+        delivery.send(signals.duplicate_skipped, record, reason="stale")
+        raise Ignore()
+    if outcome.verdict is Verdict.POISONED:
+        assert record is not None
+        if outcome.poisoned_now:
+            logger.error(
+                "%s: POISON MESSAGE. Its deliveries died %d times while running the "
+                "body (scope %s, key digest %s); the record is now POISONED and the body "
+                "will not run again until an operator releases it (admin action or "
+                "dedup_release) or RECORD_TTL passes.",
+                delivery.label,
+                record.takeovers + 1,
+                claim.scope,
+                claim.key_digest,
+            )
+            delivery.send(signals.message_poisoned, record)
+        raise PoisonMessageError(
+            f"{delivery.label}: the message (scope {claim.scope}, key digest "
+            f"{claim.key_digest}) is POISONED after {record.takeovers} takeovers; its body "
+            "does not run until an operator releases the record."
+        )
+    in_flight(delivery, outcome)
+
+
+def in_flight(delivery: Delivery, outcome: ClaimOutcome) -> NoReturn:
+    """Reschedule a copy of a message that another delivery is still running."""
+    claim, record = delivery.claim, outcome.record
+    if delivery.request.is_eager:
+        raise DuplicateInFlightError(
+            f"{delivery.label}: a copy of this message (scope {claim.scope}, key digest "
+            f"{claim.key_digest}) is still running, and an eager call cannot be rescheduled."
+        )
+    countdown = delivery.options.retry_countdown
+    logger.info(
+        "%s: duplicate of a message in flight (scope %s, key digest %s, held by task "
+        "id %s); rescheduled in %s s",
+        delivery.label,
+        claim.scope,
+        claim.key_digest,
+        record.task_id if record else "an uncommitted transaction",
+        countdown,
+    )
+    delivery.send(signals.duplicate_rescheduled, record, countdown=countdown)
+    reschedule(delivery, countdown)
+
+
+def storage_unavailable(delivery: Delivery, exc: BaseException, phase: str) -> NoReturn:
+    """The store failed before the body could run claimed (or at COMMIT): reschedule."""
+    if delivery.request.is_eager:
+        raise StorageError(
+            f"{delivery.label}: the message store failed during {phase}, and an eager call "
+            f"cannot be rescheduled: {exc}"
+        ) from exc
+    countdown = delivery.options.retry_countdown
+    # A missing table is a deployment error, not an outage: say it loudly.
+    level = logging.ERROR if isinstance(exc, MissingTableError) else logging.WARNING
+    logger.log(
+        level,
+        "%s: the message store failed during %s (%s); the body did not run unclaimed. "
+        "Rescheduled in %s s.",
+        delivery.label,
+        phase,
+        exc,
+        countdown,
+    )
+    reschedule(delivery, countdown)
+
+
+def reschedule(delivery: Delivery, countdown: float) -> NoReturn:
+    """Publish this request again after *countdown*, then ack this copy.
+
+    This is what ``Task.retry`` does inside, less what makes it wrong here:
+    the copy keeps ``request.retries`` (so the user's ``max_retries`` is not
+    spent), no RETRY state is written over the original's result, and a
+    failed publish leaves this message unacked instead of dropping it.
+    """
+    request = delivery.request
+    signature = delivery.task.signature_from_request(
+        request, countdown=countdown, retries=request.retries or 0
+    )
+    try:
+        signature.apply_async()
+    except Exception as exc:
+        logger.error(
+            "%s: could not publish the rescheduled copy (%s); the message is requeued instead.",
+            delivery.label,
+            exc,
+        )
+        raise Reject(exc, requeue=True) from exc
+    raise Ignore()

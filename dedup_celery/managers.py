@@ -1,0 +1,136 @@
+"""Queries on the message table: the portable claim, owner-conditioned updates, expiry.
+
+The portable claim is the database backend's path on MySQL and MariaDB (and
+anywhere ``INSERT … ON CONFLICT … RETURNING`` is missing): an insert, then
+conditional updates, each atomic on its own, so the row count of each statement
+decides, never a value read earlier.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from django.db import IntegrityError, models, transaction
+from django.db.models import BooleanField, Case, F, PositiveIntegerField, Q, Value, When
+from django.db.models.functions import Now
+
+from dedup_celery.backends.base import Claim, ClaimOutcome, claimant_values, outcome_for
+from dedup_celery.clock import NowPlus
+from dedup_celery.exceptions import StorageError
+from dedup_celery.states import Status
+
+if TYPE_CHECKING:
+    from dedup_celery.models import DedupRecord
+
+
+class DedupRecordQuerySet(models.QuerySet):
+    """The message table's queries; use ``DedupRecord.objects.using(alias)``."""
+
+    def for_key(self, scope: str, key_digest: str) -> DedupRecordQuerySet:
+        """The record of (scope, key digest), if any."""
+        return self.filter(scope=scope, key_digest=key_digest)
+
+    def owned(self, scope: str, key_digest: str, owner: str) -> DedupRecordQuerySet:
+        """The PROCESSING record of (scope, key digest) if *owner* still holds it."""
+        return self.for_key(scope, key_digest).filter(
+            owner=uuid.UUID(owner), status=Status.PROCESSING
+        )
+
+    def expired(self) -> DedupRecordQuerySet:
+        """Records whose ``expires_at`` has passed, by the database's clock."""
+        return self.filter(expires_at__lt=Now())
+
+    def with_lease_expired(self) -> DedupRecordQuerySet:
+        """Annotate ``lease_expired``: ``expires_at`` has passed, by the database's clock."""
+        return self.annotate(
+            lease_expired=Case(
+                When(expires_at__lt=Now(), then=Value(True)),
+                default=Value(False),
+                output_field=BooleanField(),
+            )
+        )
+
+    def claim_fields(self, claim: Claim, *, transactional: bool) -> dict[str, Any]:
+        """The fields a claim (or takeover) sets, as ORM values and expressions."""
+        fields = claimant_values(claim, Status.CONSUMED if transactional else Status.PROCESSING)
+        fields["owner"] = uuid.UUID(claim.owner)
+        seconds = claim.record_ttl if transactional else claim.lease_seconds
+        fields.update(
+            updated_at=Now(),
+            expires_at=NowPlus(seconds),
+            consumed_at=Now() if transactional else None,
+            heartbeat_at=None,
+            result=None,
+            payload_digest=None,
+        )
+        return fields
+
+    def claim_portable(self, claim: Claim, *, transactional: bool) -> ClaimOutcome:
+        """Claim in statements that every database runs (see the module docstring)."""
+        fields = self.claim_fields(claim, transactional=transactional)
+        key = {"scope": claim.scope, "key_digest": claim.key_digest}
+        record = self.for_key(claim.scope, claim.key_digest)
+        not_mine = ~Q(owner=uuid.UUID(claim.owner))
+        expired = Q(expires_at__lt=Now())
+        processing = Q(status=Status.PROCESSING)
+        stale = (
+            Q(status=Status.FAILED)
+            & ~expired
+            & Q(task_id=claim.task_id, attempt__gte=claim.attempt)
+        )
+        for _ in range(3):
+            try:
+                with transaction.atomic(using=self.db):
+                    self.create(**key, created_at=Now(), **fields)
+            except IntegrityError:
+                pass
+            else:
+                return outcome_for(claim, self.fetch(claim.scope, claim.key_digest))
+            claimed = record.filter(
+                not_mine & processing & expired & Q(takeovers__lt=claim.max_takeovers)
+            ).update(takeovers=F("takeovers") + 1, **fields)
+            if not claimed:
+                fresh = (
+                    Q(status__in=[Status.CONSUMED, Status.POISONED]) & expired
+                    | Q(status=Status.FAILED) & ~stale
+                )
+                claimed = record.filter(not_mine & fresh).update(takeovers=0, **fields)
+            poisoned_now = False
+            if not claimed:
+                poisoned_now = bool(
+                    record.filter(
+                        not_mine & processing & expired & Q(takeovers__gte=claim.max_takeovers)
+                    ).update(
+                        status=Status.POISONED,
+                        expires_at=NowPlus(claim.record_ttl),
+                        updated_at=Now(),
+                    )
+                )
+            if not claimed and not poisoned_now:
+                record.filter(not_mine).update(
+                    skipped=Case(
+                        When(processing, then=F("skipped")),
+                        default=F("skipped") + 1,
+                        output_field=PositiveIntegerField(),
+                    ),
+                    rescheduled=Case(
+                        When(processing, then=F("rescheduled") + 1),
+                        default=F("rescheduled"),
+                        output_field=PositiveIntegerField(),
+                    ),
+                    last_duplicate_at=Now(),
+                )
+            found = self.fetch(claim.scope, claim.key_digest)
+            if found is not None:
+                return outcome_for(claim, found, changed_now=poisoned_now)
+            # Purged or released between the statements: claim again.
+        raise StorageError("the record kept disappearing while it was being claimed")
+
+    def fetch(self, scope: str, key_digest: str, *, with_lease: bool = False) -> Any:
+        """Return the :class:`~dedup_celery.backends.base.Record` of (scope, key), or None."""
+        rows: DedupRecordQuerySet = self.for_key(scope, key_digest)
+        if with_lease:
+            rows = rows.with_lease_expired()
+        obj: DedupRecord | None = rows.first()
+        return None if obj is None else obj.as_record()

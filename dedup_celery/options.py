@@ -1,0 +1,131 @@
+"""A task's dedup options: read off the task class, validated, and resolved against the settings.
+
+The task, the worker's request and the system checks all read options through
+:func:`resolve` and :func:`option_errors`, so they can never disagree.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dedup_celery.conf import get_settings, is_seconds
+from dedup_celery.exceptions import DedupConfigurationError
+from dedup_celery.keys import scope_for
+
+
+class _UseSetting:
+    """The default of ``dedup_heartbeat_interval``: follow ``HEARTBEAT_INTERVAL``."""
+
+    def __repr__(self) -> str:
+        return "USE_SETTING"
+
+
+#: ``dedup_heartbeat_interval`` left at this follows the ``HEARTBEAT_INTERVAL`` setting.
+USE_SETTING: Any = _UseSetting()
+
+#: Per-task overrides of a setting: option name -> setting name.
+SECONDS_OPTIONS = {
+    "dedup_processing_timeout": "PROCESSING_TIMEOUT",
+    "dedup_retry_countdown": "RETRY_COUNTDOWN",
+    "dedup_record_ttl": "RECORD_TTL",
+}
+
+_VALID_TASK_CLASSES: weakref.WeakSet[type] = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """One task's dedup options, resolved against the current settings."""
+
+    scope: str
+    transactional: bool
+    key_function: Callable[..., Any] | None
+    processing_timeout: float
+    retry_countdown: float
+    record_ttl: float
+    result_max_bytes: int
+    heartbeat_interval: float | None
+    max_takeovers: int
+
+
+def key_function(task: Any) -> Callable[..., Any] | None:
+    """Return a task's ``dedup_key`` callable, unbound, or None.
+
+    The task decorator puts the option in the class dict, where a plain
+    function would become a method; it is read without the descriptor protocol
+    so it is always called as a plain function with the task's arguments.
+    """
+    func = inspect.getattr_static(task, "dedup_key", None)
+    if isinstance(func, staticmethod | classmethod):
+        func = func.__func__
+    return func
+
+
+def option_errors(task: Any) -> list[str]:
+    """Return a sentence for every dedup option of *task* that can never work."""
+    problems = []
+    func = key_function(task)
+    if func is not None and not callable(func):
+        problems.append(f"dedup_key is {func!r}; it must be None or a callable")
+    if not isinstance(task.dedup_transactional, bool):
+        problems.append(f"dedup_transactional is {task.dedup_transactional!r}; it must be a bool")
+    scope = task.dedup_scope
+    if scope is not None and (not isinstance(scope, str) or not scope.strip()):
+        problems.append(f"dedup_scope is {scope!r}; it must be None or a non-empty str")
+    effective_scope = scope if isinstance(scope, str) and scope else task.name
+    if isinstance(effective_scope, str) and len(effective_scope) > 255:
+        problems.append(
+            f"the scope is {len(effective_scope)} characters long; the limit is 255 "
+            "(set a shorter dedup_scope)"
+        )
+    for name in SECONDS_OPTIONS:
+        value = getattr(task, name)
+        if value is not None and not is_seconds(value):
+            problems.append(f"{name} is {value!r}; it must be None or seconds greater than zero")
+    heartbeat = getattr(task, "dedup_heartbeat_interval", USE_SETTING)
+    if heartbeat is not USE_SETTING and heartbeat is not None and not is_seconds(heartbeat):
+        problems.append(
+            f"dedup_heartbeat_interval is {heartbeat!r}; it must be None (off) or seconds "
+            "greater than zero"
+        )
+    return problems
+
+
+def resolve(task: Any) -> TaskOptions:
+    """Return *task*'s options over the settings; raise DedupConfigurationError if invalid.
+
+    Options are class attributes, so each task class is validated once per process.
+    """
+    if type(task) not in _VALID_TASK_CLASSES:
+        problems = option_errors(task)
+        if problems:
+            raise DedupConfigurationError(
+                f"Task {task.name!r} has invalid dedup options: " + "; ".join(problems) + "."
+            )
+        _VALID_TASK_CLASSES.add(type(task))
+    conf = get_settings()
+
+    def pick(name: str, default: float) -> float:
+        value = getattr(task, name)
+        return default if value is None else float(value)
+
+    heartbeat = task.dedup_heartbeat_interval
+    return TaskOptions(
+        scope=scope_for(task),
+        transactional=task.dedup_transactional,
+        key_function=key_function(task),
+        processing_timeout=pick("dedup_processing_timeout", conf.processing_timeout),
+        retry_countdown=pick("dedup_retry_countdown", conf.retry_countdown),
+        record_ttl=pick("dedup_record_ttl", conf.record_ttl),
+        result_max_bytes=conf.result_max_bytes,
+        heartbeat_interval=(
+            conf.heartbeat_interval
+            if heartbeat is USE_SETTING
+            else (None if heartbeat is None else float(heartbeat))
+        ),
+        max_takeovers=conf.max_takeovers,
+    )

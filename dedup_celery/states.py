@@ -1,0 +1,34 @@
+"""The states of a message record: one vocabulary for the SQL, the Lua, the admin, the commands."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.utils.translation import gettext_lazy as _
+
+
+class Status(models.TextChoices):
+    """The state of a message record."""
+
+    PROCESSING = "processing", _("processing")
+    CONSUMED = "consumed", _("consumed")
+    #: The body raised (it failed for good, or asked for a retry). Copies of the
+    #: same task id with the same or a lower attempt are stale and are skipped.
+    FAILED = "failed", _("failed")
+    #: Deliveries kept dying while they held the record (MAX_TAKEOVERS reached).
+    POISONED = "poisoned", _("poisoned")
+
+
+#: The states an operator may release (delete so the message can run again).
+#: A PROCESSING record goes only with an expired lease, unless the release is forced.
+RELEASABLE: tuple[Status, ...] = (Status.PROCESSING, Status.POISONED)
+
+
+def may_release(status: str, *, lease_expired: bool | None, force: bool) -> bool:
+    """Whether an operator's release of a record in *status* is allowed.
+
+    This is the rule the database statement and the Redis script apply
+    atomically; the admin and the commands use it to explain a refusal.
+    """
+    if status == Status.POISONED:
+        return True
+    return status == Status.PROCESSING and (force or bool(lease_expired))
