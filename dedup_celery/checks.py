@@ -82,7 +82,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             checks.Error(
                 str(exc),
                 hint='Set DEDUP_CELERY["BACKEND"] to "db" or to the dotted path of a '
-                "BaseBackend subclass, and OPTIONS to the keyword arguments it accepts.",
+                "BaseBackend subclass, OPTIONS to the keyword arguments it accepts, and "
+                "DATABASE only for a backend that keeps its records in a database.",
                 id="dedup_celery.E004",
             )
         ]
@@ -172,6 +173,7 @@ def check_celery_tasks(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
 
 def _task_messages(app: Any, tasks: Iterable[Any]) -> Iterable[checks.CheckMessage]:
     from dedup_celery.backends import load_backend_class
+    from dedup_celery.backends.base import TransactionalBackend
 
     backend_cls = load_backend_class(get_settings().backend)
     visibility_timeout = _visibility_timeout(app)
@@ -188,7 +190,7 @@ def _task_messages(app: Any, tasks: Iterable[Any]) -> Iterable[checks.CheckMessa
             continue
         options = resolve(task)
         modes[options.scope][options.transactional].append(task.name)
-        if options.transactional and not backend_cls.supports_transactional:
+        if options.transactional and not issubclass(backend_cls, TransactionalBackend):
             yield checks.Error(
                 f"Task {task.name!r} sets dedup_transactional=True, but the "
                 f"{backend_cls.__name__} backend has no transactions.",

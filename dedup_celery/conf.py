@@ -37,18 +37,24 @@ _POSITIVE_SECONDS = ("PROCESSING_TIMEOUT", "RETRY_COUNTDOWN", "RECORD_TTL")
 
 
 @dataclass(frozen=True)
-class DedupSettings:
-    """The validated content of ``settings.DEDUP_CELERY`` merged over the defaults."""
+class Limits:
+    """The numbers a delivery works with: the settings', or a task's overrides of them."""
 
-    backend: str
-    options: dict[str, Any] = field(hash=False)
-    database: str | None
     processing_timeout: float
     retry_countdown: float
     record_ttl: float
     result_max_bytes: int
     heartbeat_interval: float | None
     max_takeovers: int
+
+
+@dataclass(frozen=True)
+class DedupSettings(Limits):
+    """The validated content of ``settings.DEDUP_CELERY`` merged over the defaults."""
+
+    backend: str
+    options: dict[str, Any] = field(hash=False)
+    database: str | None
 
 
 _cached: DedupSettings | None = None

@@ -39,7 +39,13 @@ class PoisonMessageError(DedupError):
 
 
 class StorageError(DedupError):
-    """The message store could not be reached or refused a statement."""
+    """The message store could not be reached or refused a statement.
+
+    ``step`` names what failed when the store knows (``"claim"``, ``"store"``,
+    ``"commit"``), else it is empty.
+    """
+
+    step: str = ""
 
 
 class MissingTableError(StorageError):

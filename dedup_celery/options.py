@@ -6,13 +6,14 @@ The task, the worker's request and the system checks all read options through
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dedup_celery.conf import get_settings, is_seconds
+from dedup_celery.conf import Limits, get_settings, is_seconds
 from dedup_celery.exceptions import DedupConfigurationError
 from dedup_celery.keys import scope_for
 
@@ -27,29 +28,19 @@ class _UseSetting:
 #: ``dedup_heartbeat_interval`` left at this follows the ``HEARTBEAT_INTERVAL`` setting.
 USE_SETTING: Any = _UseSetting()
 
-#: Per-task overrides of a setting: option name -> setting name.
-SECONDS_OPTIONS = {
-    "dedup_processing_timeout": "PROCESSING_TIMEOUT",
-    "dedup_retry_countdown": "RETRY_COUNTDOWN",
-    "dedup_record_ttl": "RECORD_TTL",
-}
+#: Per-task overrides of the settings of the same name, in seconds.
+SECONDS_OPTIONS = ("dedup_processing_timeout", "dedup_retry_countdown", "dedup_record_ttl")
 
 _VALID_TASK_CLASSES: weakref.WeakSet[type] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
-class TaskOptions:
+class TaskOptions(Limits):
     """One task's dedup options, resolved against the current settings."""
 
     scope: str
     transactional: bool
     key_function: Callable[..., Any] | None
-    processing_timeout: float
-    retry_countdown: float
-    record_ttl: float
-    result_max_bytes: int
-    heartbeat_interval: float | None
-    max_takeovers: int
 
 
 def key_function(task: Any) -> Callable[..., Any] | None:
@@ -108,24 +99,17 @@ def resolve(task: Any) -> TaskOptions:
             )
         _VALID_TASK_CLASSES.add(type(task))
     conf = get_settings()
-
-    def pick(name: str, default: float) -> float:
-        value = getattr(task, name)
-        return default if value is None else float(value)
-
+    limits = {f.name: getattr(conf, f.name) for f in dataclasses.fields(Limits)}
+    for option in SECONDS_OPTIONS:  # dedup_record_ttl overrides record_ttl, and so on
+        value = getattr(task, option)
+        if value is not None:
+            limits[option.removeprefix("dedup_")] = float(value)
     heartbeat = task.dedup_heartbeat_interval
+    if heartbeat is not USE_SETTING:
+        limits["heartbeat_interval"] = None if heartbeat is None else float(heartbeat)
     return TaskOptions(
+        **limits,
         scope=scope_for(task),
         transactional=task.dedup_transactional,
         key_function=key_function(task),
-        processing_timeout=pick("dedup_processing_timeout", conf.processing_timeout),
-        retry_countdown=pick("dedup_retry_countdown", conf.retry_countdown),
-        record_ttl=pick("dedup_record_ttl", conf.record_ttl),
-        result_max_bytes=conf.result_max_bytes,
-        heartbeat_interval=(
-            conf.heartbeat_interval
-            if heartbeat is USE_SETTING
-            else (None if heartbeat is None else float(heartbeat))
-        ),
-        max_takeovers=conf.max_takeovers,
     )

@@ -26,8 +26,10 @@ RELEASABLE: tuple[Status, ...] = (Status.PROCESSING, Status.POISONED)
 def may_release(status: str, *, lease_expired: bool | None, force: bool) -> bool:
     """Whether an operator's release of a record in *status* is allowed.
 
-    This is the rule the database statement and the Redis script apply
-    atomically; the admin and the commands use it to explain a refusal.
+    The database statement (``backends/db/sql.py``) and the Redis script
+    (``lua/release.lua``) apply the same rule atomically, and the backend
+    contract tests hold both to it; ``dedup_release`` uses this to explain a
+    refusal.
     """
     if status == Status.POISONED:
         return True

@@ -64,8 +64,11 @@ class DedupRequest(Request):
             return  # a transactional claim died with the child's transaction
         try:
             key = message_key(task, options.key_function, self.id, self.args, self.kwargs)
-        except DedupKeyError:
-            return  # the delivery itself failed on its key; it claimed nothing
+        except DedupKeyError as exc:
+            logger.warning(
+                "%s[%s]: could not end the dead child's lease: %s", self.name, self.id, exc
+            )
+            return
         if key is None:
             return
         me = current_identity()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 from typing import Any
 
@@ -59,18 +60,18 @@ def build_backend() -> BaseBackend:
     cls = load_backend_class(conf.backend)
     kwargs: dict[str, Any] = dict(conf.options)
     if conf.database is not None:
+        if "database" not in inspect.signature(cls).parameters:
+            raise DedupConfigurationError(
+                f"{SETTING_NAME}['DATABASE'] is {conf.database!r}, but the {cls.__name__} "
+                "backend does not keep its records in a database. Remove DATABASE, or use "
+                "the database backend (BACKEND 'db')."
+            )
         kwargs["database"] = conf.database
     try:
         return cls(**kwargs)
     except DedupConfigurationError:
         raise
     except TypeError as exc:
-        if conf.database is not None and "'database'" in str(exc):
-            raise DedupConfigurationError(
-                f"{SETTING_NAME}['DATABASE'] is {conf.database!r}, but the {cls.__name__} "
-                "backend does not keep its records in a database. Remove DATABASE, or use "
-                "the database backend (BACKEND 'db')."
-            ) from exc
         raise DedupConfigurationError(
             f"{SETTING_NAME}['OPTIONS'] does not fit {cls.__name__}: {exc}. "
             f"Accepted options: {', '.join(cls.accepted_options) or 'none'}."

@@ -218,10 +218,9 @@ class BaseBackend:
     """
 
     #: Keyword arguments ``__init__`` accepts from ``DEDUP_CELERY['OPTIONS']``.
+    #: A backend that keeps its records in a Django database also takes
+    #: ``database=`` (``DEDUP_CELERY['DATABASE']``) by name; any other is refused it.
     accepted_options: ClassVar[tuple[str, ...]] = ()
-    #: Whether ``dedup_transactional=True`` tasks can use this backend (see
-    #: :class:`TransactionalBackend`).
-    supports_transactional: ClassVar[bool] = False
 
     def _missing(self, method: str) -> NotImplementedError:
         return NotImplementedError(
@@ -345,9 +344,10 @@ class TransactionalClaim:
 
 
 class TransactionalBackend(BaseBackend):
-    """A backend whose store is the body's database: the claim and the body share a transaction."""
+    """A backend whose store is the body's database: the claim and the body share a transaction.
 
-    supports_transactional: ClassVar[bool] = True
+    Only subclasses of this class run ``dedup_transactional=True`` tasks.
+    """
 
     def transactional_claim(self, claim: Claim) -> AbstractContextManager[TransactionalClaim]:
         """Open a transaction, claim inside it, and COMMIT when the block ends.

@@ -46,7 +46,7 @@ class TransactionalDelivery(Delivery):
                 raise
             # Nothing is lost by rescheduling: if the COMMIT did land, the next
             # delivery is a duplicate and is skipped.
-            outcomes.storage_unavailable(self, exc, "claim or commit")
+            outcomes.storage_unavailable(self, exc, exc.step or "claim")
         if not txn.outcome.verdict.claimed:
             return outcomes.duplicate(self, txn.outcome)
         if ignored is not None:

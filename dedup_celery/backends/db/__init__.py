@@ -197,15 +197,16 @@ class DatabaseBackend(TransactionalBackend):
                 "Send it with delay_on_commit(), or call it outside the atomic block."
             )
         atomic = transaction.atomic(using=alias)
+        step = "claim"
         try:
             atomic.__enter__()
         except DRIVER_ERRORS as exc:
-            raise storage_error(alias, self.table, exc) from exc
+            raise storage_error(alias, self.table, exc, step) from exc
         try:
             try:
                 handle = TransactionalClaim(self._claim(claim, transactional=True))
             except DRIVER_ERRORS as exc:
-                raise storage_error(alias, self.table, exc) from exc
+                raise storage_error(alias, self.table, exc, step) from exc
             yield handle
             if handle.outcome.verdict.claimed:
                 if transaction_broken(connection):
@@ -216,16 +217,23 @@ class DatabaseBackend(TransactionalBackend):
                         "wrap the failing statement in its own transaction.atomic()."
                     )
                 if handle.result is not None:
-                    self._store_result(claim, handle.result)
+                    step = "store"
+                    try:
+                        self._store_result(claim, handle.result)
+                    except DRIVER_ERRORS as exc:
+                        raise storage_error(alias, self.table, exc, step) from exc
         except BaseException:
-            atomic.__exit__(*sys.exc_info())
+            try:
+                atomic.__exit__(*sys.exc_info())
+            except DRIVER_ERRORS as exc:
+                # The rollback failed too (the connection is gone): still a store failure.
+                raise storage_error(alias, self.table, exc, "rollback") from exc
             raise
         try:
             atomic.__exit__(None, None, None)
         except DRIVER_ERRORS as exc:
-            raise storage_error(alias, self.table, exc) from exc
+            raise storage_error(alias, self.table, exc, "commit") from exc
 
-    @storage_errors
     def _store_result(self, claim: Claim, result: Any) -> None:
         self._records().for_key(claim.scope, claim.key_digest).filter(
             owner=uuid.UUID(claim.owner)
@@ -363,8 +371,10 @@ class DatabaseBackend(TransactionalBackend):
             )
             if not ids:
                 return total
+            qn = connection.ops.quote_name
+            text = sql.purge_sql(connection.vendor, qn, qn(self.table), len(ids))
             with connection.cursor() as cursor:
-                cursor.execute(self._statement(connection, "purge", len(ids)), ids)
+                cursor.execute(text, ids)
                 total += cursor.rowcount
             if len(ids) < batch_size:
                 return total

@@ -49,21 +49,28 @@ def storage_errors(method: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-def storage_error(alias: str, table: str, exc: Exception) -> StorageError:
-    """Return the StorageError for *exc*, dropping a broken connection outside a transaction."""
+def storage_error(alias: str, table: str, exc: Exception, step: str = "") -> StorageError:
+    """Return the StorageError for *exc*, dropping a broken connection outside a transaction.
+
+    *step* names what failed (``"claim"``, ``"commit"`` …); it is kept as the
+    error's ``step`` attribute for the delivery's log line.
+    """
     connection = connections[alias]
     if not connection.in_atomic_block:
         # Drop a broken connection now, so a retry opens a fresh one.
         connection.close_if_unusable_or_obsolete()
     if is_missing_table(exc, table):
-        return MissingTableError(
+        error: StorageError = MissingTableError(
             f"the message table {table} does not exist on database {alias!r}: run "
             f"'python manage.py migrate dedup_celery' (--database {alias} if it is not the "
             f"default). ({exc})".strip()
         )
-    return StorageError(
-        f"the message table on database {alias!r} failed: {type(exc).__name__}: {exc}".strip()
-    )
+    else:
+        error = StorageError(
+            f"the message table on database {alias!r} failed: {type(exc).__name__}: {exc}".strip()
+        )
+    error.step = step
+    return error
 
 
 def execute(connection: Any, sql: str, params: list[Any], *, fetch: bool, prepare: bool) -> Any:

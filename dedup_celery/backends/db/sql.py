@@ -15,7 +15,7 @@ from typing import Any
 
 from dedup_celery.backends.base import CLAIMANT_FIELDS, COUNTERS, RECORD_FIELDS, REPLACED_BY_CLAIMS
 from dedup_celery.clock import now_plus_literal, now_plus_sql, now_sql
-from dedup_celery.states import RELEASABLE, Status
+from dedup_celery.states import Status
 
 #: Columns a claim's parameters fill, in RECORD_FIELDS order; the rest are the store's.
 CLAIM_PARAMETERS: tuple[str, ...] = tuple(
@@ -188,12 +188,11 @@ def release_sql(vendor: str, qn: Callable[[str], str], table: str, *, expired_on
 
     Parameters: scope, key digest, owner.
     """
-    processing, poisoned = RELEASABLE
     live_ok = "" if not expired_only else f" AND {qn('expires_at')} < {now_sql(vendor)}"
     return (
         f"DELETE FROM {table} WHERE {qn('scope')} = %s AND {qn('key_digest')} = %s "
-        f"AND {qn('owner')} = %s AND ({qn('status')} = {q(poisoned)} OR "
-        f"({qn('status')} = {q(processing)}{live_ok}))"
+        f"AND {qn('owner')} = %s AND ({qn('status')} = {q(Status.POISONED)} OR "
+        f"({qn('status')} = {q(Status.PROCESSING)}{live_ok}))"
     )
 
 

@@ -19,6 +19,7 @@ Requires the ``redis`` package: ``pip install "dedup-celery[redis]"``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import hashlib
@@ -102,17 +103,18 @@ def _empty(value: Any) -> bool:
     return value in (None, b"", "")
 
 
+def _ms_to_datetime(value: Any) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(int(value) / 1000, tz=datetime.timezone.utc)
+
+
 # How a hash field becomes a Record value, by its kind (FIELD_KINDS).
 _DECODE: dict[str, Callable[[Any], Any]] = {
     "text": lambda v: "" if _empty(v) else _text(v),
     "text?": lambda v: None if _empty(v) else _text(v),
     "int": lambda v: 0 if _empty(v) else int(v),
     "int?": lambda v: None if _empty(v) else int(v),
-    "datetime?": lambda v: (
-        None
-        if _empty(v)
-        else datetime.datetime.fromtimestamp(int(v) / 1000, tz=datetime.timezone.utc)
-    ),
+    "datetime": _ms_to_datetime,
+    "datetime?": lambda v: None if _empty(v) else _ms_to_datetime(v),
     "json": lambda v: None if _empty(v) else json.loads(v),
 }
 
@@ -264,7 +266,9 @@ class RedisBackend(BaseBackend):
         self, scope: str, key_digest: str, task_id: str, identity: OwnerIdentity
     ) -> bool:
         """End the lease a dead child held (see :meth:`BaseBackend.expire_lease_of_process`)."""
-        args = [task_id, *_pairs(vars(identity))]
+        # In OwnerIdentity's field order, which the script compares one by one.
+        fields = dataclasses.astuple(identity)
+        args = [task_id, *("" if value is None else value for value in fields)]
         return bool(self._run("expire_process", scope, key_digest, args))
 
     @_storage_errors

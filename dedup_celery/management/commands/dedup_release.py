@@ -10,7 +10,8 @@ from dedup_celery.management.commands._records import (
     format_record,
     key_digest_from,
 )
-from dedup_celery.operator import inspect_record, refusal, release_record
+from dedup_celery.operator import inspect_record, release_record
+from dedup_celery.states import RELEASABLE, may_release
 
 
 class Command(BaseCommand):
@@ -44,12 +45,19 @@ class Command(BaseCommand):
                 f"No record for that scope and key in the {get_backend().describe()}."
             )
         self.stdout.write(format_record(record))
-        reason = refusal(record, force=force)
-        if reason is None and not release_record(
-            scope, key_digest, options["owner"] or record.owner or "", force=force
-        ):
-            reason = "its owner changed"
-        if reason is not None:
+        if record.status not in RELEASABLE:
+            raise CommandError(
+                f"The record is {record.status}, not processing or poisoned: not released."
+            )
+        owner = options["owner"] or record.owner or ""
+        if not release_record(scope, key_digest, owner, force=force):
+            # The store decided; say why, as far as the record read before shows it.
+            live = not may_release(record.status, lease_expired=record.lease_expired, force=force)
+            reason = (
+                "its lease is live (use --force only if the owner is gone)"
+                if live
+                else "its owner changed"
+            )
             raise CommandError(f"Not released: {reason}.")
         self.stdout.write(
             "Released. Nothing was re-sent: the next delivery of the message runs the body."

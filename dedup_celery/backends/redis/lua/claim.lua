@@ -1,8 +1,8 @@
 -- Claim, take over, poison or count a duplicate, in one step.
 -- KEYS[1]: the record.
 -- ARGV: owner, lease_ms, ttl_ms, max_takeovers, scope, key_digest, then the
--- claimant's fields as name/value pairs (key, status, owner, task_id, ... as
--- CLAIMANT_FIELDS in Python lists them).
+-- claimant's fields as name/value pairs (key, status PROCESSING, owner,
+-- task_id, ... as CLAIMANT_FIELDS in Python lists them).
 -- Returns the record's fields, then "now" and "changed" ("1" if this claim poisoned it).
 local key = KEYS[1]
 local owner = ARGV[1]
@@ -16,8 +16,7 @@ end
 local changed = '0'
 local function own(takeovers)
   redis.call('HSET', key, unpack(ARGV, 7))
-  redis.call('HSET', key, 'status', PROCESSING, 'updated_at', now, 'expires_at', now + lease,
-    'takeovers', takeovers)
+  redis.call('HSET', key, 'updated_at', now, 'expires_at', now + lease, 'takeovers', takeovers)
   redis.call('HDEL', key, 'consumed_at', 'heartbeat_at', 'result')
   redis.call('PEXPIRE', key, lease + ttl)
 end

@@ -1,13 +1,14 @@
 -- End the lease of the PROCESSING record a given process holds for a task id.
--- KEYS[1]: the record. ARGV: task_id, then the identity's fields as name/value
--- pairs (hostname, pid, process_start, boot_id, pid_namespace).
+-- KEYS[1]: the record. ARGV: task_id, hostname, pid, process_start, boot_id,
+-- pid_namespace: all six must match the record.
 local key = KEYS[1]
-local f = redis.call('HMGET', key, 'status', 'task_id')
-if f[1] ~= PROCESSING or f[2] ~= ARGV[1] then
+local f = redis.call('HMGET', key, 'status', 'task_id', 'hostname', 'pid', 'process_start',
+  'boot_id', 'pid_namespace')
+if f[1] ~= PROCESSING then
   return 0
 end
-for i = 2, #ARGV, 2 do
-  if redis.call('HGET', key, ARGV[i]) ~= ARGV[i + 1] then
+for i = 1, 6 do
+  if f[i + 1] ~= ARGV[i] then
     return 0
   end
 end
