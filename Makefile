@@ -24,11 +24,11 @@ test: $(STAMP) packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(BIN)/python example_project/demo.py
+	$(BIN)/python example_project/demo/run.py
 
 # The load test with 50 000 messages instead of 5 000 (not run by CI).
 soak: $(STAMP) packages
-	DEDUP_LOAD_MESSAGES=50000 $(BIN)/python -m pytest tests/test_load.py $(PYTEST_ARGS)
+	DEDUP_LOAD_MESSAGES=50000 $(BIN)/python -m pytest tests/worker/test_load.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -48,6 +48,6 @@ constraints: $(STAMP)
 clean:
 	rm -rf $(VENV) .tox build *.egg-info artifacts example_project/var
 
-# Every benchmark in one run (several minutes; not part of CI). See BENCHMARKS.md.
+# Every benchmark in one run (several minutes; not part of CI). See docs/BENCHMARKS.md.
 bench: $(STAMP) packages
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)

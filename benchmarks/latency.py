@@ -21,39 +21,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.services import PostgresServer, free_port, wait_for  # noqa: E402
+from harness.servers import PostgresServer, RedisServer  # noqa: E402
 
 
 def start_redis() -> tuple[subprocess.Popen, int]:
     """Start a throwaway redis-server (no persistence) on a free loopback port."""
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    import redis
-
-    client = redis.Redis(port=port)
-
-    def up():
-        try:
-            return client.ping()
-        except redis.ConnectionError:
-            return False
-
-    wait_for(up, 10, what="redis-server")
-    return process, port
+    server = RedisServer(persistent=False).start()
+    assert server.process is not None
+    return server.process, server.port
 
 
 def measure(backend, clients: int, seconds: float) -> list[float]:

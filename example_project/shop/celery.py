@@ -14,6 +14,7 @@ app.autodiscover_tasks()
 
 @worker_process_init.connect
 def _load_demo_hooks(**kwargs):
-    # Only the worker that demo.py starts sets SHOP_DEMO_DIR.
+    # Only the worker that demo/run.py starts sets SHOP_DEMO_DIR; the example
+    # itself knows nothing of the demo's instrumentation.
     if os.environ.get("SHOP_DEMO_DIR"):
-        import shop.demo_hooks  # noqa: F401
+        import demo.hooks  # noqa: F401

@@ -101,7 +101,7 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "polling_interval": 0.1,
     }
 elif os.environ.get("SHOP_VISIBILITY_TIMEOUT"):
-    # demo.py shortens the Redis visibility timeout to show its redeliveries.
+    # demo/run.py shortens the Redis visibility timeout to show its redeliveries.
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "visibility_timeout": float(os.environ["SHOP_VISIBILITY_TIMEOUT"]),
         "unacked_restore_interval": 1,

@@ -1,7 +1,7 @@
-"""Demo-only instrumentation for the worker that demo.py starts (never for real use).
+"""Demo-only instrumentation for the worker that demo/run.py starts (never for real use).
 
 It counts body runs and kills a worker child after commit for the task ids
-demo.py lists, so the report can show what happened. orders/tasks.py knows
+demo/run.py lists, so the report can show what happened. orders/tasks.py knows
 nothing of it: the worker imports this module only when SHOP_DEMO_DIR is set.
 """
 

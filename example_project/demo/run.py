@@ -25,7 +25,8 @@ import time
 import uuid
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+# The example project: demo/ sits inside it, beside shop/ and orders/.
+HERE = Path(__file__).resolve().parent.parent
 N_ORDERS = int(os.environ.get("SHOP_DEMO_ORDERS", "200"))
 SEED = 2026
 STOCK = 10_000
