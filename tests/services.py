@@ -1,122 +1,22 @@
-"""Throwaway PostgreSQL servers and Celery worker processes for the tests.
+"""Celery worker processes of the test project; the servers come from the harness.
 
-PostgreSQL refuses to run as root, so when the tests run as root the server runs
-as the ``postgres`` system account (``runuser``) on a data folder that account
-owns. As an ordinary user it runs as that user.
+PostgreSQL and Redis are started by :mod:`harness.servers`, which the
+benchmarks share; this module adds what only the tests need.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import glob
 import os
-import pwd
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from harness.servers import REPO, PostgresServer, RedisServer, free_port, wait_for
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
-def postgres_bindir() -> Path:
-    found = shutil.which("pg_ctl")
-    if found:
-        return Path(os.path.realpath(found)).parent
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
-    if not candidates:
-        raise RuntimeError(
-            "PostgreSQL server binaries (pg_ctl, initdb) were not found on PATH or in "
-            "/usr/lib/postgresql/*/bin; install the PostgreSQL server package."
-        )
-    return Path(candidates[-1]).parent
-
-
-class PostgresServer:
-    """One PostgreSQL cluster on 127.0.0.1, in a temporary folder, for one test session."""
-
-    def __init__(self, *, durable: bool = False) -> None:
-        """Create the folder; *durable* keeps PostgreSQL's default fsync settings."""
-        self.durable = durable
-        self.bindir = postgres_bindir()
-        self.base = Path(tempfile.mkdtemp(prefix="dedup-celery-pg-"))
-        self.data = self.base / "data"
-        self.log = self.base / "server.log"
-        self.port = free_port()
-        self.as_root = os.geteuid() == 0
-        if self.as_root:
-            account = pwd.getpwnam("postgres")
-            os.chown(self.base, account.pw_uid, account.pw_gid)
-
-    def _run(self, *args: str) -> None:
-        command = [str(self.bindir / args[0]), *args[1:]]
-        if self.as_root:
-            command = ["runuser", "-u", "postgres", "--", *command]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-    def init(self) -> None:
-        self._run(
-            "initdb",
-            "-D",
-            str(self.data),
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--no-sync",
-            "--locale=C",
-        )
-
-    def start(self) -> None:
-        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.base} "
-        options += "-c max_connections=300"
-        if not self.durable:
-            # Tests need no crash safety; benchmarks keep the defaults.
-            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        self._run(
-            "pg_ctl",
-            "-D",
-            str(self.data),
-            "-l",
-            str(self.log),
-            "-o",
-            options,
-            "-w",
-            "-t",
-            "60",
-            "start",
-        )
-
-    def stop(self, mode: str = "fast") -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
-
-    def destroy(self) -> None:
-        with contextlib.suppress(subprocess.CalledProcessError):
-            self.stop("immediate")
-        shutil.rmtree(self.base, ignore_errors=True)
+__all__ = ["REPO", "PostgresServer", "RedisServer", "Worker", "free_port", "wait_for"]
 
 
 class Worker:
@@ -211,58 +111,3 @@ class Worker:
         self.process.wait(15)
         self._log.close()
         self.process = None
-
-
-class RedisServer:
-    """A redis-server of one test's own, with an append-only file so a restart keeps data."""
-
-    def __init__(self) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix="dedup-celery-redis-"))
-        self.port = free_port()
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    def start(self) -> RedisServer:
-        executable = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.process = subprocess.Popen(
-            [
-                executable,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.base),
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for(self._up, 20, what="redis-server to accept connections")
-        return self
-
-    def _up(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(20)
-            self.process = None
-
-    def destroy(self) -> None:
-        self.stop()
-        shutil.rmtree(self.base, ignore_errors=True)

@@ -55,7 +55,7 @@ def _effect(request, tag, n):
     )
 
 
-def _body(task, tag, n, sleep=0.0, kill=None, effect_first=False, fail=False):
+def _body(task, tag, n, sleep=0.0, kill=None, effect_first=False, fail=False, before_effect=None):
     request = task.request
     with open(run_log(tag), "a") as fh:
         fh.write(f"start {n} {request.id} {request.retries} {os.getpid()} {time.time()}\n")
@@ -63,6 +63,8 @@ def _body(task, tag, n, sleep=0.0, kill=None, effect_first=False, fail=False):
         _kill_once(tag, n, kill)
     if kill == "always":
         os.kill(os.getpid(), signal.SIGKILL)
+    if before_effect is not None:
+        before_effect()
     if effect_first:
         _effect(request, tag, n)
     if sleep:
@@ -82,6 +84,19 @@ def _body(task, tag, n, sleep=0.0, kill=None, effect_first=False, fail=False):
 def plain_effect(self, tag, n, **options):
     """The control: the same body with the same delivery settings, without dedup."""
     return _body(self, tag, n, **options)
+
+
+@shared_task(bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def plain_store_effect(self, tag, n, store_url, **options):
+    """A control that also writes to a Redis in its body (the one a store outage stops)."""
+    import redis
+
+    client = redis.Redis.from_url(store_url, socket_timeout=2, socket_connect_timeout=2)
+
+    def write():
+        client.set(f"control:{tag}:{n}", self.request.id)
+
+    return _body(self, tag, n, before_effect=write, **options)
 
 
 @shared_task(bind=True, base=DedupTask, ignore_result=True, dedup_processing_timeout=LEASE)

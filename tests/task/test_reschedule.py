@@ -12,14 +12,13 @@ import uuid
 import pytest
 from celery import Celery
 from celery.app.trace import build_tracer
-from django.db import connections
 from django.test import override_settings
 
-from dedup_celery import DedupTask, get_backend, signals
+from dedup_celery import DedupTask, signals
 from dedup_celery.keys import digest
 from dedup_celery.models import DedupRecord
 from tests.celery_app import app
-from tests.claims import ELSEWHERE, make_claim
+from tests.helpers import ELSEWHERE, captured, hold
 
 RUNS: list[str] = []
 
@@ -54,18 +53,6 @@ def read_queue(connection, queue):
         simple.close()
 
 
-def claim_for(task, task_id):
-    """A claim held by a process on another machine (so it is never judged gone)."""
-    return make_claim(
-        task_id,
-        scope=task.name,
-        task_name=task.name,
-        task_id=task_id,
-        ttl=60,
-        identity=ELSEWHERE,
-    )
-
-
 @pytest.fixture(autouse=True)
 def _clear_runs():
     RUNS.clear()
@@ -74,18 +61,10 @@ def _clear_runs():
 @pytest.mark.django_db(transaction=True)
 def test_in_flight_duplicate_is_republished_with_the_same_id_and_retries(celery_broker):
     task_id = str(uuid.uuid4())
-    get_backend().claim(claim_for(reschedulable, task_id))
-    seen = []
-
-    def receiver(sender, **kwargs):
-        seen.append(kwargs)
-
-    signals.duplicate_rescheduled.connect(receiver)
-    try:
-        before = datetime.datetime.now(datetime.timezone.utc)
+    hold(reschedulable, task_id, identity=ELSEWHERE)
+    before = datetime.datetime.now(datetime.timezone.utc)
+    with captured(signals.duplicate_rescheduled) as seen:
         trace = run_as_worker(reschedulable, task_id, [7], {"flag": "x"}, retries=2)
-    finally:
-        signals.duplicate_rescheduled.disconnect(receiver)
     assert trace.info.state == "IGNORED"
     assert RUNS == []
     with app.connection_for_read() as connection:
@@ -104,18 +83,10 @@ def test_in_flight_duplicate_is_republished_with_the_same_id_and_retries(celery_
 
 
 @pytest.fixture
-def unreachable_database(django_db_blocker):
-    """A database alias whose server refuses connections (nothing listens on port 1)."""
-    django_db_blocker.unblock()
-    connections.settings["unreachable"] = {**connections["default"].settings_dict, "PORT": "1"}
-    try:
-        with override_settings(DEDUP_CELERY={"DATABASE": "unreachable", "RETRY_COUNTDOWN": 1}):
-            yield "unreachable"
-    finally:
-        connections["unreachable"].close()
-        del connections["unreachable"]
-        del connections.settings["unreachable"]
-        django_db_blocker.restore()
+def unreachable_database(unreachable_database):
+    """The message table on the unreachable alias."""
+    with override_settings(DEDUP_CELERY={"DATABASE": unreachable_database, "RETRY_COUNTDOWN": 1}):
+        yield unreachable_database
 
 
 @pytest.fixture
@@ -171,21 +142,11 @@ def test_a_reschedule_that_cannot_be_published_requeues_the_message(unreachable_
 
 
 @pytest.fixture
-def database_without_the_table(django_db_blocker, tmp_path):
+def database_without_the_table(extra_database, tmp_path):
     """A real SQLite database on which the migrations were never run."""
-    django_db_blocker.unblock()
-    connections.settings["unmigrated"] = {
-        **connections["sqlite"].settings_dict,
-        "NAME": str(tmp_path / "unmigrated.sqlite3"),
-    }
-    try:
-        with override_settings(DEDUP_CELERY={"DATABASE": "unmigrated", "RETRY_COUNTDOWN": 1}):
-            yield "unmigrated"
-    finally:
-        connections["unmigrated"].close()
-        del connections["unmigrated"]
-        del connections.settings["unmigrated"]
-        django_db_blocker.restore()
+    alias = extra_database("unmigrated", base="sqlite", NAME=str(tmp_path / "unmigrated.sqlite3"))
+    with override_settings(DEDUP_CELERY={"DATABASE": alias, "RETRY_COUNTDOWN": 1}):
+        yield alias
 
 
 def test_a_missing_table_is_an_error_that_names_migrate_and_loses_nothing(

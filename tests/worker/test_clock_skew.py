@@ -1,10 +1,11 @@
 """Fault 6: workers whose clocks are ten minutes off make the same dedup decisions.
 
-Two workers share one queue, one ten minutes ahead and one ten minutes behind,
-so a lease one of them claims is judged by the other. Their clocks are shifted
-inside Python (tests/clockskew/sitecustomize.py): Debian's libfaketime 0.9.10
-breaks Python's time.sleep, so it cannot run a worker. Leases are
-computed and compared by the store's clock (PostgreSQL, Redis), so the copies of
+Two workers, one ten minutes ahead and one ten minutes behind, each on its own
+queue: each message is claimed by one and its copy, sent while it runs, goes to
+the other, so every lease one of them takes is judged by the other (both ways).
+Their clocks are shifted inside Python (tests/clockskew/sitecustomize.py): Debian's
+libfaketime 0.9.10 breaks Python's time.sleep, so it cannot run a worker. Leases
+are computed and compared by the store's clock (PostgreSQL, Redis), so the copies of
 a running message are rescheduled, never taken over. On SQLite the database
 clock is the worker's own clock, so SQLite is not part of this test. Celery's own
 ETA and countdown arithmetic uses the worker's clock and is out of scope.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import re
-import time
 
 import pytest
 
@@ -48,12 +48,11 @@ def worker_clock_offset(worker) -> float:
 def skewed_pairs(start_worker, stores):
     pairs = {}
     for kind, store_url in (("db", ""), ("redis", stores["redis_url"])):
-        queue = f"q-skew-{kind}"
-        ahead = start_worker(
-            f"ahead-{kind}", concurrency=2, store_url=store_url, env=skewed(SKEW), queue=queue
-        )
+        # Each worker has its own queue, so a test decides which one judges which
+        # claim, and room for its two originals and the two copies it judges at once.
+        ahead = start_worker(f"ahead-{kind}", concurrency=4, store_url=store_url, env=skewed(SKEW))
         behind = start_worker(
-            f"behind-{kind}", concurrency=2, store_url=store_url, env=skewed(-SKEW), queue=queue
+            f"behind-{kind}", concurrency=4, store_url=store_url, env=skewed(-SKEW)
         )
         pairs[kind] = (ahead, behind)
     return pairs
@@ -73,14 +72,17 @@ def test_workers_ten_minutes_apart_make_the_same_decisions(
     store = stores[kind]
     tag = f"skew-{mode}-{new_id()[:8]}"
     ids = {n: new_id() for n in range(4)}
+    # Messages 0 and 1 are claimed by the worker ten minutes ahead and their copies
+    # judged by the one ten minutes behind; 2 and 3 the other way round.
+    first = {n: (ahead, behind) if n < 2 else (behind, ahead) for n in ids}
     for n, task_id in ids.items():
         task.apply_async(
-            kwargs={"tag": tag, "n": n, "sleep": 3}, task_id=task_id, queue=ahead.queue
+            kwargs={"tag": tag, "n": n, "sleep": 3}, task_id=task_id, queue=first[n][0].queue
         )
-    time.sleep(1)
-    for n, task_id in ids.items():  # copies while the originals run
+    wait_until(lambda: len(starts(tag)) == len(ids), timeout=30, what="every original to start")
+    for n, task_id in ids.items():  # copies while the originals run, to the other worker
         task.apply_async(
-            kwargs={"tag": tag, "n": n, "sleep": 3}, task_id=task_id, queue=ahead.queue
+            kwargs={"tag": tag, "n": n, "sleep": 3}, task_id=task_id, queue=first[n][1].queue
         )
 
     def finished():
@@ -89,17 +91,17 @@ def test_workers_ten_minutes_apart_make_the_same_decisions(
 
     wait_until(finished, timeout=60, what="every message and its copy")
     settle(2)
+    for n, task_id in ids.items():
+        claimer, judge = first[n]
+        # The crossing happened: the original ran on one worker, and the other met
+        # its claim while it ran (a lease judged by the worker's clock would have
+        # been ten minutes expired for the worker ahead).
+        assert f"[{task_id}]" in claimer.log_text()
+        assert f"[{task_id}]: duplicate of a message in flight" in judge.log_text()
     assert effects(tag) == len(ids)
     assert len(starts(tag)) == len(ids)
     assert all(record(task, task_id, store).takeovers == 0 for task_id in ids.values())
+    records = [record(task, task_id, store) for task_id in ids.values()]
     report_scenario(
-        {
-            "scenario": "clock ±10 min",
-            "task": mode,
-            "messages": 2 * len(ids),
-            "body runs": len(starts(tag)),
-            "effects": effects(tag),
-            "duplicates": len(ids),
-            "lost": 0,
-        }
+        "clock ±10 min", mode, tag, messages=2 * len(ids), ns=tuple(ids), records=records
     )

@@ -34,7 +34,7 @@ from dedup_celery.identity import current_identity, process_start_ticks
 from dedup_celery.keys import digest
 from dedup_celery.models import DedupRecord
 from tests.celery_app import app
-from tests.claims import ELSEWHERE, make_claim
+from tests.helpers import ELSEWHERE, captured, claim_for, hold
 from tests.services import REPO
 from tests.testapp.models import Effect
 
@@ -83,11 +83,7 @@ def failing(self, mode):
 
 def _rival_claim(task):
     """Another delivery (elsewhere) tries the running message's key."""
-    key = task.request.id
-    claim = make_claim(
-        key, scope=task.name, task_name=task.name, task_id=key, ttl=60, identity=ELSEWHERE
-    )
-    return get_backend().claim(claim).verdict
+    return get_backend().claim(claim_for(task, task.request.id, identity=ELSEWHERE)).verdict
 
 
 @app.task(
@@ -136,10 +132,7 @@ def tx(self, tag, mode="ok"):
 def slow_lease(self):
     time.sleep(0.4)
     # Another delivery takes the expired lease over while this body still runs.
-    rival = make_claim(
-        self.request.id, scope=self.name, task_name=self.name, task_id=self.request.id, ttl=60
-    )
-    assert get_backend().claim(rival).verdict is Verdict.TAKEN_OVER
+    assert get_backend().claim(claim_for(self, self.request.id)).verdict is Verdict.TAKEN_OVER
     return "done"
 
 
@@ -258,24 +251,9 @@ def test_a_direct_call_is_a_plain_function_call():
     assert not DedupRecord.objects.exists()
 
 
-def hold(task, key, identity, *, lease=60.0):
-    """Claim *key* for *task* as the process *identity* would."""
-    claim = make_claim(
-        key,
-        scope=task.name,
-        task_name=task.name,
-        task_id=key,
-        lease=lease,
-        ttl=60,
-        identity=identity,
-    )
-    get_backend().claim(claim)
-    return claim
-
-
 def test_eager_duplicate_of_a_message_in_flight_raises_instead_of_rescheduling():
     task_id = str(uuid.uuid4())
-    hold(by_id, task_id, ELSEWHERE)
+    hold(by_id, task_id, identity=ELSEWHERE)
     with pytest.raises(DuplicateInFlightError, match="still running"):
         by_id.apply(args=(1,), task_id=task_id).get()
     assert BODY_RUNS == []
@@ -289,7 +267,7 @@ def test_a_live_owner_on_this_machine_is_never_taken_over():
             me.hostname, sleeper.pid, process_start_ticks(sleeper.pid), me.boot_id, me.pid_namespace
         )
         task_id = str(uuid.uuid4())
-        hold(by_id, task_id, alive)
+        hold(by_id, task_id, identity=alive)
         with pytest.raises(DuplicateInFlightError):
             by_id.apply(args=(1,), task_id=task_id).get()
         assert BODY_RUNS == []
@@ -313,7 +291,7 @@ def test_a_dead_owners_lease_ends_at_once(how):
         # A live pid with another start time is another process that reused the pid.
         dead = OwnerIdentity(me.hostname, os.getppid(), 1, me.boot_id, me.pid_namespace)
     task_id = str(uuid.uuid4())
-    hold(by_id, task_id, dead, lease=600)
+    hold(by_id, task_id, identity=dead, lease=600)
     assert by_id.apply(args=(3,), task_id=task_id).get() == 3
     found = rec(by_id, task_id)
     assert (found.status, found.takeovers) == (DedupRecord.Status.CONSUMED, 1)
@@ -322,24 +300,18 @@ def test_a_dead_owners_lease_ends_at_once(how):
 def test_an_owner_that_is_this_idle_process_is_taken_over():
     """An earlier attempt in this very process is over, since it runs one task at a time."""
     task_id = str(uuid.uuid4())
-    hold(by_id, task_id, current_identity(), lease=600)
+    hold(by_id, task_id, identity=current_identity(), lease=600)
     assert by_id.apply(args=(4,), task_id=task_id).get() == 4
     assert rec(by_id, task_id).takeovers == 1
 
 
 def test_a_failing_body_leaves_a_failed_record_and_a_stale_copy_is_skipped():
-    seen = []
-
-    def receiver(sender, **kwargs):
-        seen.append(kwargs)
-
-    signals.message_released.connect(receiver)
-    try:
-        task_id = str(uuid.uuid4())
-        with pytest.raises(ValueError, match="the body failed"):
-            failing.apply(args=("fail",), task_id=task_id).get()
-    finally:
-        signals.message_released.disconnect(receiver)
+    task_id = str(uuid.uuid4())
+    with (
+        captured(signals.message_released) as seen,
+        pytest.raises(ValueError, match="the body failed"),
+    ):
+        failing.apply(args=("fail",), task_id=task_id).get()
     found = rec(failing, task_id)
     assert (found.status, found.attempt) == (DedupRecord.Status.FAILED, 0)
     assert seen[0]["reason"] == "failed"
@@ -377,24 +349,16 @@ def test_without_a_heartbeat_a_slow_body_loses_its_lease(caplog):
 
 def test_a_poisoned_message_fails_every_delivery_visibly(settings, caplog):
     settings.DEDUP_CELERY = {**settings.DEDUP_CELERY, "MAX_TAKEOVERS": 1}
-    seen = []
-
-    def receiver(sender, **kwargs):
-        seen.append(kwargs)
-
     task_id = str(uuid.uuid4())
-    hold(by_id, task_id, ELSEWHERE, lease=0.1)
+    hold(by_id, task_id, identity=ELSEWHERE, lease=0.1)
     time.sleep(0.2)
-    hold(by_id, task_id, ELSEWHERE, lease=0.1)  # takeover 1: the cap
+    hold(by_id, task_id, identity=ELSEWHERE, lease=0.1)  # takeover 1: the cap
     time.sleep(0.2)
-    signals.message_poisoned.connect(receiver)
-    try:
+    with captured(signals.message_poisoned) as seen:
         with pytest.raises(PoisonMessageError, match="POISONED"):
             by_id.apply(args=(1,), task_id=task_id).get()
         with pytest.raises(PoisonMessageError):
             by_id.apply(args=(1,), task_id=task_id).get()
-    finally:
-        signals.message_poisoned.disconnect(receiver)
     assert len(seen) == 1
     assert "POISON MESSAGE" in caplog.text
     assert rec(by_id, task_id).status == DedupRecord.Status.POISONED
@@ -408,46 +372,24 @@ def test_a_body_that_raises_ignore_counts_as_consumed():
 
 
 def test_signals_report_claims_and_skipped_duplicates():
-    events = []
-
-    def on(name):
-        def receiver(sender, **kwargs):
-            events.append((name, sender, kwargs["task_id"], kwargs["key_digest"]))
-
-        return receiver
-
-    receivers = {
-        s: on(n)
-        for n, s in [("claimed", signals.message_claimed), ("skipped", signals.duplicate_skipped)]
-    }
-    for signal, receiver in receivers.items():
-        signal.connect(receiver)
-    try:
-        task_id = str(uuid.uuid4())
+    task_id = str(uuid.uuid4())
+    with captured(signals.message_claimed, signals.duplicate_skipped) as seen:
         by_id.apply(args=(1,), task_id=task_id)
         by_id.apply(args=(1,), task_id=task_id)
-    finally:
-        for signal, receiver in receivers.items():
-            signal.disconnect(receiver)
+    events = [(e["signal"], e["sender"], e["task_id"], e["key_digest"]) for e in seen]
     assert events == [
-        ("claimed", by_id, task_id, digest(task_id)),
-        ("skipped", by_id, task_id, digest(task_id)),
+        (signals.message_claimed, by_id, task_id, digest(task_id)),
+        (signals.duplicate_skipped, by_id, task_id, digest(task_id)),
     ]
 
 
 def test_a_body_that_lost_its_lease_logs_an_error_and_sends_lease_lost(caplog):
-    seen = []
-
-    def receiver(sender, **kwargs):
-        seen.append(kwargs)
-
-    signals.lease_lost.connect(receiver)
-    try:
-        task_id = str(uuid.uuid4())
-        with caplog.at_level(logging.ERROR, logger="dedup_celery"):
-            assert slow_lease.apply(task_id=task_id).get() == "done"
-    finally:
-        signals.lease_lost.disconnect(receiver)
+    task_id = str(uuid.uuid4())
+    with (
+        captured(signals.lease_lost) as seen,
+        caplog.at_level(logging.ERROR, logger="dedup_celery"),
+    ):
+        assert slow_lease.apply(task_id=task_id).get() == "done"
     assert "lease lost" in caplog.text
     assert digest(task_id) in caplog.text
     assert len(seen) == 1

@@ -10,7 +10,7 @@ from django_celery_results.models import TaskResult
 
 from dedup_celery import get_backend, signals
 from dedup_celery.models import DedupRecord
-from tests.claims import make_claim
+from tests.helpers import captured, hold
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -18,16 +18,7 @@ URL = "/admin/dedup_celery/deduprecord/"
 
 
 def claim(key, *, lease=60.0, owner=None):
-    made = make_claim(
-        key,
-        scope="admin.task",
-        task_name="admin.task",
-        task_id=f"tid-{key}",
-        owner=owner,
-        lease=lease,
-    )
-    get_backend().claim(made)
-    return made
+    return hold("admin.task", key, task_id=f"tid-{key}", owner=owner, lease=lease, ttl=3600)
 
 
 def consumed(key):
@@ -93,18 +84,10 @@ def test_release_asks_for_confirmation_showing_the_owner(admin_client):
 
 
 def test_release_deletes_an_expired_lease_of_the_owner_shown(admin_client):
-    released = []
-
-    def receiver(sender, **kwargs):
-        released.append(kwargs)
-
     made = claim("expired", lease=0.2)
     time.sleep(0.4)
-    signals.message_released.connect(receiver)
-    try:
+    with captured(signals.message_released) as released:
         page = confirm(admin_client, [made], [made.owner])
-    finally:
-        signals.message_released.disconnect(receiver)
     assert "1 record(s) released" in page.content.decode()
     assert not DedupRecord.objects.filter(key="expired").exists()
     assert released[0]["reason"] == "operator"
@@ -152,3 +135,24 @@ def test_release_needs_the_release_permission(client):
     assert "release_records" in client.get(URL).content.decode()
     confirm(client, [made], [made.owner])
     assert not DedupRecord.objects.filter(key="guarded").exists()
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "sqlite"])
+def test_the_admin_lists_and_releases_in_the_database_the_backend_writes_to(admin_client, settings):
+    """With DATABASE set and no router, the admin reads and releases that alias, not default."""
+    settings.DEDUP_CELERY = {"DATABASE": "sqlite", "RETRY_COUNTDOWN": 1}
+    made = claim("in-sqlite", lease=0.2)
+    in_sqlite = DedupRecord.objects.using("sqlite")
+    assert in_sqlite.filter(key="in-sqlite").exists()
+    assert not DedupRecord.objects.using("default").filter(key="in-sqlite").exists()
+    assert "in-sqlite" in admin_client.get(URL).content.decode()
+    time.sleep(0.4)
+    pk = in_sqlite.get(key="in-sqlite").pk
+    page = admin_client.post(
+        URL,
+        {"action": "release_records", "_selected_action": [pk], "confirm": "yes",
+         f"owner-{pk}": made.owner},
+        follow=True,
+    )  # fmt: skip
+    assert "1 record(s) released" in page.content.decode()
+    assert not in_sqlite.filter(key="in-sqlite").exists()

@@ -22,22 +22,13 @@ from dedup_celery.identity import (
     running_body,
 )
 from dedup_celery.lease import Heartbeat
-from tests.claims import make_claim as base_claim
+from tests.helpers import claim_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def make_claim(lease, identity=None):
-    key = uuid.uuid4().hex
-    return base_claim(
-        key,
-        scope="recovery",
-        task_name="recovery",
-        task_id=key,
-        lease=lease,
-        ttl=60,
-        identity=identity,
-    )
+    return claim_for("recovery", uuid.uuid4().hex, lease=lease, identity=identity)
 
 
 def record_of(identity):

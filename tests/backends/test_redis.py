@@ -13,14 +13,14 @@ import uuid
 import pytest
 from django.test import override_settings
 
-from dedup_celery import DedupConfigurationError, DedupTask, StorageError
+from dedup_celery import DedupConfigurationError, DedupTask, StorageError, get_backend
 from dedup_celery.backends.base import Verdict
 from dedup_celery.backends.redis import RedisBackend
 from dedup_celery.checks import check_backend, check_settings
 from dedup_celery.identity import current_identity
 from dedup_celery.keys import digest
 from tests.celery_app import app
-from tests.claims import make_claim
+from tests.helpers import make_claim
 from tests.services import REPO
 
 
@@ -215,6 +215,8 @@ def test_an_evicting_maxmemory_policy_is_a_warning(redis_url, redis_server, poli
         with override_settings(
             DEDUP_CELERY={"BACKEND": "redis", "OPTIONS": {"url": f"{redis_url}/4"}}
         ):
+            # The check reached this Redis (an unreachable one also gives no message).
+            assert get_backend().eviction_policy() == policy
             assert [m.id for m in check_backend()] == expected
     finally:
         admin.config_set("maxmemory-policy", "noeviction")
@@ -231,6 +233,8 @@ def test_the_eviction_check_tolerates_a_forbidden_config(redis_server):
     url = f"redis://limited:secret@{redis_server.host}:{redis_server.port}/4"
     try:
         with override_settings(DEDUP_CELERY={"BACKEND": "redis", "OPTIONS": {"url": url}}):
+            # Redis answered and refused CONFIG (an unreachable one raises StorageError).
+            assert get_backend().eviction_policy() is None
             assert check_backend() == []
     finally:
         admin.config_set("maxmemory-policy", "noeviction")

@@ -23,7 +23,7 @@ from dedup_celery.backends.db import DatabaseBackend
 from dedup_celery.backends.redis import RedisBackend
 from dedup_celery.identity import current_identity
 from dedup_celery.keys import digest
-from tests.claims import make_claim
+from tests.helpers import make_claim
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "sqlite"])
 

@@ -13,13 +13,11 @@ from django.core.management.base import CommandError
 from dedup_celery import get_backend
 from dedup_celery.models import DedupRecord
 from dedup_celery.tasks import purge_expired
-from tests.claims import make_claim
+from tests.helpers import hold
 
 
 def make(key, lease):
-    get_backend().claim(
-        make_claim(key, scope="cmd", task_name="cmd", task_id=key, lease=lease, ttl=60)
-    )
+    hold("cmd", key, lease=lease)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -71,9 +69,7 @@ def any_backend(request, settings):
 
 
 def claim_on(backend, key, lease):
-    made = make_claim(key, scope="cmd", task_name="cmd", task_id=f"tid-{key}", lease=lease, ttl=60)
-    backend.claim(made)
-    return made
+    return hold("cmd", key, backend=backend, task_id=f"tid-{key}", lease=lease)
 
 
 @pytest.mark.django_db(transaction=True)

@@ -2,13 +2,14 @@
 
 Parametrised over PostgreSQL and SQLite, each with the one-statement upsert and
 with the portable insert-then-update path that MySQL uses. The status-mode
-contract shared with every backend is in test_backend_contract.py.
+contract shared with every backend is in test_contract.py.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import uuid
 
 import pytest
 from django.db import connections, transaction
@@ -19,7 +20,7 @@ from dedup_celery.exceptions import DedupError, OuterTransactionError, StorageEr
 from dedup_celery.identity import current_identity
 from dedup_celery.keys import digest
 from dedup_celery.models import DedupRecord
-from tests.claims import make_claim
+from tests.helpers import make_claim
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "sqlite"])
 
@@ -137,3 +138,15 @@ def test_transactional_claim_meets_an_uncommitted_copy(backend):
     finally:
         finish.set()
         thread.join()
+
+
+def test_an_unreachable_database_raises_storage_error(unreachable_database):
+    backend = DatabaseBackend(database=unreachable_database)
+    with pytest.raises(StorageError, match="unreachable"):
+        backend.claim(make_claim())
+    with pytest.raises(StorageError):
+        backend.complete(make_claim(), None)
+    with pytest.raises(StorageError):
+        backend.release("s", "d", uuid.uuid4().hex, expired_only=False)
+    with pytest.raises(StorageError), backend.transactional_claim(make_claim()):
+        pass

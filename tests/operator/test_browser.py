@@ -16,7 +16,7 @@ from django.contrib.auth.models import User
 
 from dedup_celery import get_backend
 from dedup_celery.models import DedupRecord
-from tests.claims import make_claim
+from tests.helpers import claim_for
 from tests.services import REPO
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -70,9 +70,9 @@ def test_an_operator_filters_and_releases_an_expired_processing_record(live_serv
 
     User.objects.create_superuser("operator", "op@example.com", "correct horse")
     backend = get_backend()
-    expired = make_claim("stuck-order", scope="shop.place", task_name="shop.place", lease=0.2)
-    live = make_claim("running-order", scope="shop.place", task_name="shop.place", lease=600)
-    done = make_claim("done-order", scope="shop.place", task_name="shop.place")
+    expired = claim_for("shop.place", "stuck-order", lease=0.2)
+    live = claim_for("shop.place", "running-order", lease=600)
+    done = claim_for("shop.place", "done-order")
     for claim in (expired, live, done):
         backend.claim(claim)
     backend.complete(done, None)
@@ -92,10 +92,14 @@ def test_an_operator_filters_and_releases_an_expired_processing_record(live_serv
     assert "stuck-order" in browser.page_source
     shot(browser, "2-filtered")
 
-    pk = DedupRecord.objects.get(key="stuck-order").pk
-    checkbox = browser.find_element(By.CSS_SELECTOR, f"input[name=_selected_action][value='{pk}']")
-    checkbox.click()
-    assert checkbox.is_selected()
+    # Select both the stuck record and the live one: the release must refuse the live one.
+    for key in ("stuck-order", "running-order"):
+        pk = DedupRecord.objects.get(key=key).pk
+        checkbox = browser.find_element(
+            By.CSS_SELECTOR, f"input[name=_selected_action][value='{pk}']"
+        )
+        checkbox.click()
+        assert checkbox.is_selected()
     Select(browser.find_element(By.NAME, "action")).select_by_value("release_records")
     browser.find_element(By.CSS_SELECTOR, "div.actions [type=submit]").click()  # "Go" / "Run"
     WebDriverWait(browser, 10).until(
@@ -103,9 +107,11 @@ def test_an_operator_filters_and_releases_an_expired_processing_record(live_serv
         "the release confirmation page did not open",
     )
     assert expired.owner in browser.page_source  # the owner the release compares against
+    assert live.owner in browser.page_source
     shot(browser, "3-confirm")
     browser.find_element(By.CSS_SELECTOR, "form input[type=submit][value=Release]").click()
     shot(browser, "4-released")
     assert "1 record(s) released" in browser.page_source
+    assert "1 record(s) not released" in browser.page_source  # the live lease, refused
     assert not DedupRecord.objects.filter(key="stuck-order").exists()
-    assert DedupRecord.objects.filter(key="running-order").exists()
+    assert DedupRecord.objects.get(key="running-order").owner.hex == live.owner

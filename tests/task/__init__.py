@@ -1,0 +1,1 @@
+"""Tests of DedupTask in this process: its API, reschedules, leases and owner identity."""

@@ -1,0 +1,112 @@
+"""A database error in a transactional claim, or at its COMMIT, reschedules: a real worker.
+
+The errors are real PostgreSQL errors, raised once by triggers this test puts on
+the tables: a ``BEFORE INSERT`` trigger on the message table fails the claim,
+and a deferred constraint trigger on the effect table fails the COMMIT. A
+sequence makes each fire only the first time (``nextval`` is not rolled back).
+The plain control meets the same errors on its effect and loses the message.
+"""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connection
+
+from dedup_celery.backends.base import Status
+from dedup_celery.models import DedupRecord
+from tests.scenario import effects, new_id, record, settle, starts, wait_until
+from tests.testapp.models import Effect
+from tests.testapp.tasks import plain_effect, tx_effect
+
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+
+FAIL_ONCE = """
+CREATE OR REPLACE FUNCTION dedup_test_fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF (to_jsonb(NEW) ->> TG_ARGV[2]) = TG_ARGV[0] AND nextval(TG_ARGV[1]::regclass) = 1 THEN
+    RAISE EXCEPTION 'injected failure for %', TG_ARGV[0];
+  END IF;
+  RETURN NEW;
+END $$
+"""
+
+
+@pytest.fixture
+def fail_once():
+    """Make the first INSERT (or, with ``at_commit``, the first COMMIT) of a row fail."""
+    made = []
+
+    def install(table, column, value, *, at_commit=False):
+        name = f"dedup_test_{len(made)}_{new_id()[:8]}"
+        with connection.cursor() as cursor:
+            cursor.execute(FAIL_ONCE)
+            cursor.execute(f"CREATE SEQUENCE {name}")
+            kind = (
+                "CONSTRAINT TRIGGER {n} AFTER INSERT ON {t} DEFERRABLE INITIALLY DEFERRED"
+                if at_commit
+                else "TRIGGER {n} BEFORE INSERT ON {t}"
+            ).format(n=name, t=table)
+            cursor.execute(
+                f"CREATE {kind} FOR EACH ROW EXECUTE FUNCTION "
+                f"dedup_test_fail_once('{value}', '{name}', '{column}')"
+            )
+        made.append((name, table))
+        return name
+
+    yield install
+    with connection.cursor() as cursor:
+        for name, table in made:
+            cursor.execute(f"DROP TRIGGER IF EXISTS {name} ON {table}")
+            cursor.execute(f"DROP SEQUENCE IF EXISTS {name}")
+
+
+@pytest.fixture(scope="module")
+def worker(start_worker):
+    return start_worker("tx-errors", concurrency=2)
+
+
+def fired(name):
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT last_value, is_called FROM {name}")
+        last_value, is_called = cursor.fetchone()
+    return last_value if is_called else 0
+
+
+@pytest.mark.parametrize("where", ["claim", "commit"])
+def test_a_database_error_in_the_claim_or_at_commit_reschedules(
+    worker, fail_once, where, report_scenario
+):
+    table = DedupRecord._meta.db_table if where == "claim" else Effect._meta.db_table
+    tag, task_id = f"tx-{where}-{new_id()[:8]}", new_id()
+    column, value = ("task_id", task_id) if where == "claim" else ("tag", tag)
+    trigger = fail_once(table, column, value, at_commit=where == "commit")
+    plain_tag, plain_id = f"plain-{where}-{new_id()[:8]}", new_id()
+    plain_trigger = fail_once(Effect._meta.db_table, "tag", plain_tag, at_commit=where == "commit")
+
+    tx_effect.apply_async(kwargs={"tag": tag, "n": 1}, task_id=task_id, queue=worker.queue)
+    plain_effect.apply_async(
+        kwargs={"tag": plain_tag, "n": 1}, task_id=plain_id, queue=worker.queue
+    )
+
+    def done():
+        found = record(tx_effect, task_id)
+        return found is not None and found.status == Status.CONSUMED
+
+    wait_until(done, timeout=60, what="the transactional message to commit")
+    wait_until(lambda: fired(plain_trigger) >= 1, what="the control to meet the error")
+    settle()
+    # The control: the same error costs the plain task its message.
+    assert effects(plain_tag) == 0
+    assert len(starts(plain_tag)) == 1
+    assert f"[{plain_id}]" in worker.log_text()
+    # The transactional message met the error once, was rescheduled, and took effect once.
+    assert fired(trigger) >= 2, "the error was not met, or the message never came back"
+    assert effects(tag) == 1
+    expected_runs = 1 if where == "claim" else 2  # a failed COMMIT ran the body first
+    assert len(starts(tag)) == expected_runs
+    log = worker.log_text()
+    assert f"{tx_effect.name}[{task_id}]: the message store failed during" in log
+    assert "injected failure" in log
+    records = [record(tx_effect, task_id)]
+    report_scenario(f"DB error at {where}", "transactional", tag, messages=1, records=records)
+    report_scenario(f"DB error at {where}", "plain", plain_tag, messages=1)
