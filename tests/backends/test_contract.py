@@ -13,13 +13,11 @@ import datetime
 import multiprocessing
 import threading
 import time
-import uuid
 
 import pytest
 from django.db import connections
 
 from dedup_celery.backends.base import OwnerIdentity, Status, Verdict
-from dedup_celery.backends.db import DatabaseBackend
 from dedup_celery.backends.redis import RedisBackend
 from dedup_celery.identity import current_identity
 from dedup_celery.keys import digest
@@ -27,29 +25,7 @@ from tests.helpers import make_claim
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "sqlite"])
 
-DB_VARIANTS = {
-    "db-postgresql": ("default", False),
-    "db-sqlite": ("sqlite", False),
-    "db-portable-postgresql": ("default", True),
-    "db-portable-sqlite": ("sqlite", True),
-}
-VARIANTS = [*DB_VARIANTS, "redis"]
 SCOPE = "scope-a"
-
-
-@pytest.fixture(params=VARIANTS)
-def backend(request):
-    if request.param == "redis":
-        redis_url = request.getfixturevalue("redis_url")
-        instance = RedisBackend(url=f"{redis_url}/3", key_prefix=f"test:{uuid.uuid4().hex}:")
-        yield instance
-        for key in instance.client.scan_iter(match=f"{instance.key_prefix}*"):
-            instance.client.delete(key)
-        return
-    alias, portable = DB_VARIANTS[request.param]
-    instance = DatabaseBackend(database=alias)
-    instance._force_generic = portable
-    yield instance
 
 
 def store_now(backend):

@@ -24,21 +24,11 @@ from tests.helpers import make_claim
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "sqlite"])
 
-VARIANTS = {
-    "postgresql": ("default", False),
-    "sqlite": ("sqlite", False),
-    "portable-postgresql": ("default", True),
-    "portable-sqlite": ("sqlite", True),
-}
 
-
-@pytest.fixture(params=list(VARIANTS))
-def backend(request):
-    alias, portable = VARIANTS[request.param]
-    instance = DatabaseBackend(database=alias)
-    instance._force_generic = portable
-    instance.variant = request.param
-    return instance
+@pytest.fixture
+def backend(db_backend):
+    """Only the database backend's variants here."""
+    return db_backend
 
 
 def row(backend, claim):
@@ -116,13 +106,13 @@ def test_transactional_claim_meets_an_uncommitted_copy(backend):
     try:
         assert holding.wait(10)
         started = time.monotonic()
-        if backend.variant == "postgresql":
+        if backend.variant == "db-postgresql":
             with backend.transactional_claim(make_claim("in-flight")) as txn:
                 pass
             assert txn.outcome.verdict is Verdict.IN_FLIGHT
             assert txn.outcome.record is None
             assert time.monotonic() - started < 1
-        elif backend.variant == "portable-postgresql":
+        elif backend.variant == "db-portable-postgresql":
             timer = threading.Timer(1.0, finish.set)
             timer.start()
             with backend.transactional_claim(make_claim("in-flight")) as txn:
