@@ -66,7 +66,7 @@ def is_seconds(value: Any) -> bool:
         isinstance(value, numbers.Real)
         and not isinstance(value, bool)
         and value == value  # rejects NaN
-        and 0 < value < float("inf")
+        and 0 < float(value) < float("inf")
     )
 
 

@@ -34,13 +34,18 @@ class OwnerIdentity:
 
 
 class HasIdentity(Protocol):
-    """Anything that records an owner's identity (a stored record)."""
+    """Anything that records an owner's identity, read-only (a stored record)."""
 
-    hostname: str
-    pid: int | None
-    process_start: int | None
-    boot_id: str
-    pid_namespace: str
+    @property
+    def hostname(self) -> str: ...  # noqa: D102
+    @property
+    def pid(self) -> int | None: ...  # noqa: D102
+    @property
+    def process_start(self) -> int | None: ...  # noqa: D102
+    @property
+    def boot_id(self) -> str: ...  # noqa: D102
+    @property
+    def pid_namespace(self) -> str: ...  # noqa: D102
 
 
 _cache: tuple[int, OwnerIdentity] | None = None

@@ -197,11 +197,12 @@ def outcome_for(claim: Claim, record: Record, *, changed_now: bool = False) -> C
     if record.owner == claim.owner:
         verdict = Verdict.TAKEN_OVER if record.takeovers > 0 else Verdict.CLAIMED
     else:
-        verdict = {
+        by_status: dict[str, Verdict] = {
             Status.CONSUMED: Verdict.CONSUMED,
             Status.FAILED: Verdict.STALE,
             Status.POISONED: Verdict.POISONED,
-        }.get(record.status, Verdict.IN_FLIGHT)
+        }
+        verdict = by_status.get(record.status, Verdict.IN_FLIGHT)
     poisoned_now = verdict is Verdict.POISONED and changed_now
     return ClaimOutcome(verdict=verdict, record=record, poisoned_now=poisoned_now)
 

@@ -7,25 +7,17 @@ prepared-statement runner in :mod:`.connection`; this module holds the contract.
 
 from __future__ import annotations
 
-import datetime
 import json
-import sys
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
-from django.conf import settings
 from django.core import checks
 from django.db import IntegrityError, connections, router, transaction
 from django.db.models.functions import Now
-from django.utils import timezone
-from django.utils.dateparse import parse_datetime
 
 from dedup_celery.backends.base import (
-    FIELD_KINDS,
-    RECORD_FIELDS,
     Claim,
     ClaimOutcome,
     OwnerIdentity,
@@ -37,15 +29,11 @@ from dedup_celery.backends.base import (
     outcome_for,
 )
 from dedup_celery.backends.db import sql
-from dedup_celery.backends.db.connection import (
-    DRIVER_ERRORS,
-    execute,
-    storage_error,
-    storage_errors,
-    transaction_broken,
-)
+from dedup_celery.backends.db.connection import execute, storage_errors
+from dedup_celery.backends.db.rows import owner_param, record_from_row
+from dedup_celery.backends.db.transactional import transactional_block
 from dedup_celery.clock import SUPPORTED_VENDORS, NowPlus, now_plus_sql
-from dedup_celery.exceptions import DedupConfigurationError, DedupError, OuterTransactionError
+from dedup_celery.exceptions import DedupConfigurationError
 from dedup_celery.models import DedupRecord
 from dedup_celery.states import Status
 
@@ -118,32 +106,6 @@ class DatabaseBackend(TransactionalBackend):
             self._sql[cache_key] = text
         return text
 
-    def _owner_param(self, owner: str, connection: Any) -> Any:
-        field = DedupRecord._meta.get_field("owner")
-        return field.get_db_prep_value(uuid.UUID(owner), connection)
-
-    @staticmethod
-    def _to_datetime(value: Any) -> datetime.datetime | None:
-        if value is not None and not isinstance(value, datetime.datetime):
-            value = parse_datetime(str(value))
-        if value is not None and settings.USE_TZ and timezone.is_naive(value):
-            value = timezone.make_aware(value, datetime.timezone.utc)
-        return value
-
-    def _record_from_row(self, row: dict[str, Any]) -> Record:
-        values = {name: row[name] for name in RECORD_FIELDS}
-        for name in RECORD_FIELDS:
-            if FIELD_KINDS[name].startswith("datetime"):
-                values[name] = self._to_datetime(values[name])
-        if values["owner"] is not None:
-            values["owner"] = uuid.UUID(str(values["owner"])).hex
-        if isinstance(values["result"], str):
-            values["result"] = json.loads(values["result"])
-        lease_expired = row.get("lease_expired")
-        return Record(
-            **values, lease_expired=None if lease_expired is None else bool(lease_expired)
-        )
-
     # -- claims -------------------------------------------------------------------
 
     def _claim(self, claim: Claim, *, transactional: bool) -> ClaimOutcome:
@@ -160,7 +122,7 @@ class DatabaseBackend(TransactionalBackend):
         status = Status.CONSUMED if transactional else Status.PROCESSING
         values = {"scope": claim.scope, "key_digest": claim.key_digest}
         values.update(claimant_values(claim, status.value))
-        values["owner"] = self._owner_param(claim.owner, connection)
+        values["owner"] = owner_param(claim.owner, connection)
         seconds = claim.record_ttl if transactional else claim.lease_seconds
         params = sql.param_list(values) + now_plus_sql(connection.vendor, seconds)[1]
         if connection.vendor == "postgresql" and transactional:
@@ -170,71 +132,31 @@ class DatabaseBackend(TransactionalBackend):
             return ClaimOutcome(verdict=Verdict.IN_FLIGHT, record=None)
         values = dict(zip(names, row, strict=True))
         changed_now = bool(values.pop("changed_now"))
-        return outcome_for(claim, self._record_from_row(values), changed_now=changed_now)
+        return outcome_for(claim, record_from_row(values), changed_now=changed_now)
 
     @storage_errors
     def claim(self, claim: Claim) -> ClaimOutcome:
         """Claim in status mode (see :meth:`BaseBackend.claim`)."""
         return self._claim(claim, transactional=False)
 
-    @contextmanager
-    def transactional_claim(self, claim: Claim) -> Iterator[TransactionalClaim]:
+    def claim_in_transaction(self, claim: Claim) -> ClaimOutcome:
+        """Insert a CONSUMED record in the open transaction, or count the duplicate."""
+        return self._claim(claim, transactional=True)
+
+    def transactional_claim(self, claim: Claim) -> AbstractContextManager[TransactionalClaim]:
         """Claim and run the body in one ``transaction.atomic`` on the message table's alias.
 
         On PostgreSQL a copy whose transaction is still open makes the claim
         :attr:`Verdict.IN_FLIGHT` at once (``pg_try_advisory_xact_lock``);
         SQLite serialises writers, and MySQL waits for the row lock up to
         ``innodb_lock_wait_timeout``. See
-        :meth:`TransactionalBackend.transactional_claim` for the errors.
+        :meth:`TransactionalBackend.transactional_claim` for the errors, and
+        :func:`.transactional.transactional_block` for how.
         """
-        alias = self.alias
-        connection = connections[alias]
-        if connection.in_atomic_block:
-            raise OuterTransactionError(
-                f"Task {claim.task_name!r} is transactional but was called inside an open "
-                f"transaction on the {self.describe()} (ATOMIC_REQUESTS, an eager call or "
-                "apply() inside transaction.atomic). Its record would only be a savepoint. "
-                "Send it with delay_on_commit(), or call it outside the atomic block."
-            )
-        atomic = transaction.atomic(using=alias)
-        step = "claim"
-        try:
-            atomic.__enter__()
-        except DRIVER_ERRORS as exc:
-            raise storage_error(alias, self.table, exc, step) from exc
-        try:
-            try:
-                handle = TransactionalClaim(self._claim(claim, transactional=True))
-            except DRIVER_ERRORS as exc:
-                raise storage_error(alias, self.table, exc, step) from exc
-            yield handle
-            if handle.outcome.verdict.claimed:
-                if transaction_broken(connection):
-                    raise DedupError(
-                        f"{claim.task_name}[{claim.task_id}]: the body caught a database error "
-                        "and returned normally, which left its transaction marked for "
-                        "rollback; nothing was committed. Let the error propagate, or "
-                        "wrap the failing statement in its own transaction.atomic()."
-                    )
-                if handle.result is not None:
-                    step = "store"
-                    try:
-                        self._store_result(claim, handle.result)
-                    except DRIVER_ERRORS as exc:
-                        raise storage_error(alias, self.table, exc, step) from exc
-        except BaseException:
-            try:
-                atomic.__exit__(*sys.exc_info())
-            except DRIVER_ERRORS as exc:
-                # The rollback failed too (the connection is gone): still a store failure.
-                raise storage_error(alias, self.table, exc, "rollback") from exc
-            raise
-        try:
-            atomic.__exit__(None, None, None)
-        except DRIVER_ERRORS as exc:
-            raise storage_error(alias, self.table, exc, "commit") from exc
+        return transactional_block(self, claim)
 
-    def _store_result(self, claim: Claim, result: Any) -> None:
+    def store_result(self, claim: Claim, result: Any) -> None:
+        """Store *result* on the record *claim* owns (inside its open transaction)."""
         self._records().for_key(claim.scope, claim.key_digest).filter(
             owner=uuid.UUID(claim.owner)
         ).update(result=result)
@@ -268,7 +190,7 @@ class DatabaseBackend(TransactionalBackend):
                     None if result is None else json.dumps(result),
                     claim.scope,
                     claim.key_digest,
-                    self._owner_param(claim.owner, connection),
+                    owner_param(claim.owner, connection),
                 ],
                 fetch=False,
                 prepare=self.prepare_statements,
@@ -294,7 +216,7 @@ class DatabaseBackend(TransactionalBackend):
         connection = connections[self.alias]
         text = self._statement(connection, "release", expired_only=expired_only)
         with connection.cursor() as cursor:
-            cursor.execute(text, [scope, key_digest, self._owner_param(owner, connection)])
+            cursor.execute(text, [scope, key_digest, owner_param(owner, connection)])
             return cursor.rowcount == 1
 
     @storage_errors

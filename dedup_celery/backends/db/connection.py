@@ -12,6 +12,7 @@ from dedup_celery.exceptions import MissingTableError, StorageError
 
 T = TypeVar("T")
 
+_psycopg: Any
 try:  # psycopg 3, for server-side prepared statements; psycopg2 works without them.
     import psycopg as _psycopg
 except ImportError:  # pragma: no cover - depends on the installed driver

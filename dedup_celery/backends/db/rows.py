@@ -1,0 +1,45 @@
+"""Rows of the message table as the database backend's raw statements send and return them."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import uuid
+from typing import Any
+
+from django.conf import settings
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from dedup_celery.backends.base import FIELD_KINDS, RECORD_FIELDS, Record
+from dedup_celery.models import DedupRecord
+
+
+def owner_param(owner: str, connection: Any) -> Any:
+    """The owner token as *connection*'s driver takes it (a uuid column or text)."""
+    field = DedupRecord._meta.get_field("owner")
+    return field.get_db_prep_value(uuid.UUID(owner), connection)  # type: ignore[union-attr]
+
+
+def to_datetime(value: Any) -> datetime.datetime | None:
+    """A time column's value as an aware datetime (SQLite returns text)."""
+    if value is not None and not isinstance(value, datetime.datetime):
+        value = parse_datetime(str(value))
+    if value is not None and settings.USE_TZ and timezone.is_naive(value):
+        value = timezone.make_aware(value, datetime.timezone.utc)
+    return value
+
+
+def record_from_row(row: dict[str, Any]) -> Record:
+    """A :class:`Record` from a row a ``RETURNING`` clause gave, by column name."""
+    values = {name: row[name] for name in RECORD_FIELDS}
+    for name in RECORD_FIELDS:
+        if FIELD_KINDS[name].startswith("datetime"):
+            values[name] = to_datetime(values[name])
+    if values["owner"] is not None:
+        values["owner"] = uuid.UUID(str(values["owner"])).hex
+    if isinstance(values["result"], str):
+        values["result"] = json.loads(values["result"])
+    lease_expired = row.get("lease_expired")
+    lease_expired = None if lease_expired is None else bool(lease_expired)
+    return Record(**values, lease_expired=lease_expired)
