@@ -32,6 +32,7 @@ USE_SETTING: Any = _UseSetting()
 SECONDS_OPTIONS = ("dedup_processing_timeout", "dedup_retry_countdown", "dedup_record_ttl")
 
 _VALID_TASK_CLASSES: weakref.WeakSet[type] = weakref.WeakSet()
+_LIMIT_FIELDS = tuple(f.name for f in dataclasses.fields(Limits))
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def resolve(task: Any) -> TaskOptions:
             )
         _VALID_TASK_CLASSES.add(type(task))
     conf = get_settings()
-    limits = {f.name: getattr(conf, f.name) for f in dataclasses.fields(Limits)}
+    limits = {name: getattr(conf, name) for name in _LIMIT_FIELDS}
     for option in SECONDS_OPTIONS:  # dedup_record_ttl overrides record_ttl, and so on
         value = getattr(task, option)
         if value is not None:

@@ -14,6 +14,8 @@ from django.utils.dateparse import parse_datetime
 from dedup_celery.backends.base import FIELD_KINDS, RECORD_FIELDS, Record
 from dedup_celery.models import DedupRecord
 
+_DATETIME_FIELDS = tuple(name for name in RECORD_FIELDS if FIELD_KINDS[name].startswith("datetime"))
+
 
 def owner_param(owner: str, connection: Any) -> Any:
     """The owner token as *connection*'s driver takes it (a uuid column or text)."""
@@ -33,9 +35,8 @@ def to_datetime(value: Any) -> datetime.datetime | None:
 def record_from_row(row: dict[str, Any]) -> Record:
     """A :class:`Record` from a row a ``RETURNING`` clause gave, by column name."""
     values = {name: row[name] for name in RECORD_FIELDS}
-    for name in RECORD_FIELDS:
-        if FIELD_KINDS[name].startswith("datetime"):
-            values[name] = to_datetime(values[name])
+    for name in _DATETIME_FIELDS:
+        values[name] = to_datetime(values[name])
     if values["owner"] is not None:
         values["owner"] = uuid.UUID(str(values["owner"])).hex
     if isinstance(values["result"], str):
