@@ -26,8 +26,9 @@ id                        problem
 ``dedup_celery.W009``     the heartbeat interval is not below half the lease
 ========================  ==========================================================
 
-The checks of Celery configuration are warnings and never raise, so they cannot
-stop ``manage.py migrate``. Celery's worker runs the checks but discards their
+The checks of Celery configuration never raise, and apart from tasks that can never
+work (E006, E007, E008) they are warnings, so they do not stop ``manage.py
+migrate``. Celery's worker runs the checks but discards their
 output, so :func:`log_check_messages` logs them once when the worker is ready.
 """
 

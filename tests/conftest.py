@@ -134,20 +134,21 @@ def stores(redis_url):
 
 SCENARIOS: list[dict] = []
 SCENARIO_COLUMNS = (
-    "scenario", "task", "messages", "body runs", "effects", "extra effects", "skipped", "lost",
+    "scenario", "task", "sent", "body runs", "effects", "extra effects", "skipped", "lost",
 )  # fmt: skip
 
 
 @pytest.fixture
 def report_scenario():
-    """Measure one scenario for the summary printed at the end; every number is counted.
+    """Count one scenario for the summary printed at the end.
 
-    ``body runs`` come from the run log, ``effects`` and ``extra effects`` (effects
-    beyond one per message) from the effect table, ``skipped`` from the records'
-    counters (``-`` for a plain task, which has none, or where the test reads no
-    record), and ``lost`` is the number of messages in *ns* (the ``n`` values of the
-    row's messages under *tag*) whose effect never happened (``-`` where none is
-    expected).
+    ``sent`` is what the test published (*messages*, its input); every other
+    number is read back: ``body runs`` from the run log, ``effects``, ``extra
+    effects`` (beyond one per message) and ``lost`` (messages in *ns*, the ``n``
+    values of the row's messages under *tag*, whose effect never happened) from
+    the effect table, ``skipped`` from the records' counters. ``-`` means there
+    is nothing to count: no record for a plain task, or no effect where the body
+    by design never makes one.
     """
     from collections import Counter
 
@@ -155,17 +156,20 @@ def report_scenario():
     from tests.testapp.models import Effect
 
     def report(scenario, task, tag, *, messages, ns=(1,), records=None, effect_expected=True):
+        if records is not None:
+            assert all(r is not None for r in records), "a dedup message has no record"
         effects = Effect.objects.filter(tag=tag, n__in=ns).values_list("n", flat=True)
         per_n = Counter(effects)
+        counted = effect_expected or None
         row = {
             "scenario": scenario,
             "task": task,
-            "messages": messages,
+            "sent": messages,
             "body runs": sum(run.n in ns for run in starts(tag)),
-            "effects": sum(per_n.values()),
-            "extra effects": sum(count - 1 for count in per_n.values()),
-            "skipped": "-" if records is None else sum(r.skipped for r in records if r),
-            "lost": sum(per_n[n] == 0 for n in ns) if effect_expected else "-",
+            "effects": sum(per_n.values()) if counted else "-",
+            "extra effects": sum(count - 1 for count in per_n.values()) if counted else "-",
+            "skipped": "-" if records is None else sum(r.skipped for r in records),
+            "lost": sum(per_n[n] == 0 for n in ns) if counted else "-",
         }
         SCENARIOS.append(row)
         return row

@@ -51,8 +51,18 @@ def record(task, key: str, store=None) -> Record | None:
     return (store or DatabaseBackend()).get(scope, digest(key))
 
 
+def _kill_marker(tag: str, n: int, point: str) -> str:
+    # Written by tests/testapp/tasks.py just before the child kills itself.
+    return os.path.join(os.environ["DEDUP_TEST_TMP"], f"{tag}-{n}.killed-{point}")
+
+
 def killed(tag: str, n: int, point: str) -> bool:
-    return os.path.exists(os.path.join(os.environ["DEDUP_TEST_TMP"], f"{tag}-{n}.killed-{point}"))
+    return os.path.exists(_kill_marker(tag, n, point))
+
+
+def killed_at(tag: str, n: int, point: str) -> float:
+    """When the child killed itself at *point* (the marker's time)."""
+    return os.path.getmtime(_kill_marker(tag, n, point))
 
 
 def overlapping(found: list[Run]) -> bool:

@@ -34,14 +34,18 @@ def db_backend(request):
     return make_db_backend(request.param)
 
 
-@pytest.fixture(params=[*DB_VARIANTS, "redis"])
-def backend(request):
-    """Every backend variant: the database ones, and Redis under a prefix of its own."""
-    if request.param != "redis":
-        yield make_db_backend(request.param)
-        return
-    redis_url = request.getfixturevalue("redis_url")
+@pytest.fixture
+def redis_backend(redis_url):
+    """The Redis backend on the session's server, under a prefix of its own (emptied after)."""
     instance = RedisBackend(url=f"{redis_url}/3", key_prefix=f"test:{uuid.uuid4().hex}:")
     yield instance
     for key in instance.client.scan_iter(match=f"{instance.key_prefix}*"):
         instance.client.delete(key)
+
+
+@pytest.fixture(params=[*DB_VARIANTS, "redis"])
+def backend(request):
+    """Every backend variant: the database ones, and Redis."""
+    if request.param == "redis":
+        return request.getfixturevalue("redis_backend")
+    return make_db_backend(request.param)

@@ -25,11 +25,9 @@ from tests.services import REPO
 
 
 @pytest.fixture
-def backend(redis_url):
-    instance = RedisBackend(url=f"{redis_url}/4", key_prefix=f"t:{uuid.uuid4().hex[:8]}:")
-    yield instance
-    for key in instance.client.scan_iter(match=f"{instance.key_prefix}*"):
-        instance.client.delete(key)
+def backend(redis_backend):
+    """Only the Redis backend here."""
+    return redis_backend
 
 
 def test_the_key_is_built_from_digests_never_from_raw_strings(backend):

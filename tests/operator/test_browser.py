@@ -110,6 +110,10 @@ def test_an_operator_filters_and_releases_an_expired_processing_record(live_serv
     assert live.owner in browser.page_source
     shot(browser, "3-confirm")
     browser.find_element(By.CSS_SELECTOR, "form input[type=submit][value=Release]").click()
+    WebDriverWait(browser, 10).until(
+        lambda driver: driver.find_elements(By.CSS_SELECTOR, "ul.messagelist"),
+        "the changelist with the release messages did not come back",
+    )
     shot(browser, "4-released")
     assert "1 record(s) released" in browser.page_source
     assert "1 record(s) not released" in browser.page_source  # the live lease, refused

@@ -371,11 +371,18 @@ def test_a_body_that_raises_ignore_counts_as_consumed():
     assert rec(failing, task_id).status == DedupRecord.Status.CONSUMED
 
 
-def test_signals_report_claims_and_skipped_duplicates():
+def test_signals_report_claims_and_skipped_duplicates(caplog):
     task_id = str(uuid.uuid4())
-    with captured(signals.message_claimed, signals.duplicate_skipped) as seen:
+    with (
+        captured(signals.message_claimed, signals.duplicate_skipped) as seen,
+        caplog.at_level(logging.INFO, logger="dedup_celery.task"),
+    ):
         by_id.apply(args=(1,), task_id=task_id)
         by_id.apply(args=(1,), task_id=task_id)
+    # Every duplicate leaves a trace: the log line and the record's counter too.
+    assert f"{by_id.name}[{task_id}]: duplicate skipped" in caplog.text
+    assert digest(task_id) in caplog.text
+    assert rec(by_id, task_id).skipped == 1
     events = [(e["signal"], e["sender"], e["task_id"], e["key_digest"]) for e in seen]
     assert events == [
         (signals.message_claimed, by_id, task_id, digest(task_id)),

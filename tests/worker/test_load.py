@@ -81,7 +81,7 @@ def test_load_with_duplicates_has_no_duplicate_effect_and_loses_nothing(
         assert "deadlock" not in log
         assert "unrecoverable" not in log
     report_scenario(
-        f"load {MESSAGES / elapsed:.0f} msg/s",
+        f"load, {MESSAGES / elapsed:.0f} msg/s end to end",
         "tx+status",
         tag,
         messages=sent,

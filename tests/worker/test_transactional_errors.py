@@ -4,7 +4,8 @@ The errors are real PostgreSQL errors, raised once by triggers this test puts on
 the tables: a ``BEFORE INSERT`` trigger on the message table fails the claim,
 and a deferred constraint trigger on the effect table fails the COMMIT. A
 sequence makes each fire only the first time (``nextval`` is not rolled back).
-The plain control meets the same errors on its effect and loses the message.
+The plain control (which has no claim) meets the same kind of error on its own
+first write, the effect, and loses its message.
 """
 
 from __future__ import annotations
@@ -98,15 +99,16 @@ def test_a_database_error_in_the_claim_or_at_commit_reschedules(
     # The control: the same error costs the plain task its message.
     assert effects(plain_tag) == 0
     assert len(starts(plain_tag)) == 1
-    assert f"[{plain_id}]" in worker.log_text()
+    log = worker.log_text()
+    assert f"Task {plain_effect.name}[{plain_id}] raised unexpected" in log
+    assert f"injected failure for {plain_tag}" in log
     # The transactional message met the error once, was rescheduled, and took effect once.
     assert fired(trigger) >= 2, "the error was not met, or the message never came back"
     assert effects(tag) == 1
     expected_runs = 1 if where == "claim" else 2  # a failed COMMIT ran the body first
     assert len(starts(tag)) == expected_runs
-    log = worker.log_text()
-    assert f"{tx_effect.name}[{task_id}]: the message store failed during" in log
-    assert "injected failure" in log
+    assert f"{tx_effect.name}[{task_id}]: the message store failed during {where}" in log
+    assert f"injected failure for {value}" in log
     records = [record(tx_effect, task_id)]
     report_scenario(f"DB error at {where}", "transactional", tag, messages=1, records=records)
     report_scenario(f"DB error at {where}", "plain", plain_tag, messages=1)

@@ -56,7 +56,6 @@ def test_e_countdown_longer_than_the_visibility_timeout(
     if mode == "plain":
         wait_until(lambda: effects(tag) >= 2, timeout=COUNTDOWN * 4, what="the control to repeat")
         settle(3)
-        assert effects(tag) >= 2
     else:
         wait_until(
             lambda: (
@@ -107,6 +106,5 @@ def test_stale_copies_do_not_run_after_the_original_failed_for_good(
         assert found.status == "failed"
         assert len(starts(tag)) == 1
         assert f"[{task_id}]: stale copy skipped" in worker.log_text()
-    assert effects(tag) == 0
     records = None if mode == "plain" else [record(task, task_id, store)]
     report_scenario("stale copies", mode, tag, messages=1, records=records, effect_expected=False)
