@@ -13,7 +13,17 @@ from dedup_celery.backends.db import DatabaseBackend
 from dedup_celery.keys import digest
 from tests.services import wait_for
 from tests.testapp.models import Effect
-from tests.testapp.tasks import run_log
+from tests.testapp.tasks import plain_effect, run_log, status_effect, tx_effect
+
+#: The ways every scenario runs: the plain control, then the DedupTask in each mode
+#: (status-redis is status mode on a worker whose store is Redis).
+TASKS = {
+    "plain": plain_effect,
+    "status": status_effect,
+    "transactional": tx_effect,
+    "status-redis": status_effect,
+}
+MODES = list(TASKS)
 
 
 @dataclass

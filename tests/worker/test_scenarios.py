@@ -17,6 +17,8 @@ import pytest
 
 from dedup_celery.backends.base import Status
 from tests.scenario import (
+    MODES,
+    TASKS,
     effects,
     killed,
     killed_at,
@@ -28,17 +30,8 @@ from tests.scenario import (
     starts,
     wait_until,
 )
-from tests.testapp.tasks import plain_effect, status_effect, tx_effect
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
-
-TASKS = {
-    "plain": plain_effect,
-    "status": status_effect,
-    "transactional": tx_effect,
-    "status-redis": status_effect,
-}
-MODES = list(TASKS)
 
 
 @pytest.fixture(scope="module")

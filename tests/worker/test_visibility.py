@@ -8,17 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.scenario import effects, new_id, record, settle, starts, wait_until
-from tests.testapp.tasks import plain_effect, status_effect, tx_effect
+from tests.scenario import TASKS, effects, new_id, record, settle, starts, wait_until
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
-TASKS = {
-    "plain": plain_effect,
-    "status": status_effect,
-    "transactional": tx_effect,
-    "status-redis": status_effect,
-}
 BROKER_DB = 1
 COUNTDOWN = 7
 
