@@ -35,16 +35,36 @@ def scope_for(task: Any) -> str:
     return task.dedup_scope or task.name
 
 
+def nested_key(key: str, nesting: int) -> str:
+    """Return *key* for a message at ``replaced_task_nesting`` *nesting*: ``<key>#r<n>`` past 0.
+
+    ``Task.replace()`` gives the replacement the replaced task's id, and Celery
+    copies the nesting onto the replacement's redeliveries and onto the chain
+    members after it (with their own ids). So the nesting is part of the
+    message's identity: a replacement is a new message, and a redelivery of it
+    is a copy of that one.
+    """
+    return f"{key}#r{int(nesting)}" if nesting else key
+
+
 def message_key(
-    task: Any, key_function: Any, task_id: str, args: tuple, kwargs: dict
+    task: Any,
+    key_function: Any,
+    task_id: str,
+    args: tuple,
+    kwargs: dict,
+    nesting: int = 0,
 ) -> str | None:
     """Return the key of one message of *task*: the task id, or ``key_function(*args, **kwargs)``.
 
-    None means "run this call without dedup". Anything else that is not a
-    non-empty str raises :class:`DedupKeyError` naming the task and the cause.
+    A message at ``replaced_task_nesting`` *nesting* > 0 gets ``#r<nesting>``
+    after it (:func:`nested_key`). None means "run this call without dedup".
+    Anything else that is not a non-empty str raises :class:`DedupKeyError`
+    naming the task and the cause. The task, the worker's request and the
+    commands all derive keys here.
     """
     if key_function is None:
-        return task_id
+        return nested_key(task_id, nesting)
     try:
         key = key_function(*args, **kwargs)
     except Exception as exc:
@@ -60,4 +80,4 @@ def message_key(
             f"dedup_key of task {task.name!r} returned {what}; it must return a non-empty str "
             "(or None to skip dedup for this call). The task did not run."
         )
-    return key
+    return nested_key(key, nesting)

@@ -11,6 +11,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from dedup_celery import get_backend
+from dedup_celery.keys import nested_key
 from dedup_celery.models import DedupRecord
 from dedup_celery.tasks import purge_expired
 from tests.helpers import hold
@@ -86,6 +87,19 @@ def test_dedup_inspect_prints_the_record_by_key_or_digest(any_backend):
         call_command("dedup_inspect", "cmd", "order:8")
     with pytest.raises(CommandError, match="64 lowercase hex"):
         call_command("dedup_inspect", "cmd", "nothex", "--digest")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_dedup_inspect_finds_a_replacement_by_its_nesting(any_backend):
+    """The command derives a replacement's key as its delivery does: <key>#r<nesting>."""
+    made = claim_on(any_backend, nested_key("order:9", 2), 60)
+    out = io.StringIO()
+    call_command("dedup_inspect", "cmd", "order:9", "--replaced", "2", stdout=out)
+    assert made.owner in out.getvalue()
+    with pytest.raises(CommandError, match="No record"):
+        call_command("dedup_inspect", "cmd", "order:9")
+    with pytest.raises(CommandError, match="leave out --digest"):
+        call_command("dedup_inspect", "cmd", made.key_digest, "--digest", "--replaced", "2")
 
 
 @pytest.mark.django_db(transaction=True)

@@ -217,3 +217,30 @@ def slow_heartbeat(self, tag, n, **options):
 def slow_no_heartbeat(self, tag, n, **options):
     """The same without a heartbeat: the control that loses its lease."""
     return _body(self, tag, n, **options)
+
+
+def _replace_step(task, tag, n, steps):
+    """Write step *n*'s effect, then replace this task with step n + 1 (same queue)."""
+    _body(task, tag, n)
+    if n < steps:
+        queue = (task.request.delivery_info or {}).get("routing_key")
+        task.replace(task.si(tag=tag, n=n + 1, steps=steps).set(queue=queue))
+    return n
+
+
+@shared_task(bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def plain_replace(self, tag, n, steps):
+    """The control: a plain task that replaces itself with its next step."""
+    return _replace_step(self, tag, n, steps)
+
+
+@shared_task(bind=True, base=DedupTask, ignore_result=True, dedup_processing_timeout=LEASE)
+def status_replace(self, tag, n, steps):
+    """A status-mode task that replaces itself with its next step."""
+    return _replace_step(self, tag, n, steps)
+
+
+@shared_task(bind=True, base=DedupTask, ignore_result=True, dedup_transactional=True)
+def tx_replace(self, tag, n, steps):
+    """A transactional task that replaces itself with its next step, before its COMMIT."""
+    return _replace_step(self, tag, n, steps)

@@ -9,15 +9,22 @@ from typing import Any
 from django.core.management.base import CommandError, CommandParser
 
 from dedup_celery.backends.base import Record
-from dedup_celery.keys import digest
+from dedup_celery.keys import digest, nested_key
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 def add_record_arguments(parser: CommandParser) -> None:
-    """Add ``scope``, ``key`` and ``--digest``."""
+    """Add ``scope``, ``key``, ``--replaced`` and ``--digest``."""
     parser.add_argument("scope", help="The record's scope (by default the task name).")
     parser.add_argument("key", help="The message key (by default the task id).")
+    parser.add_argument(
+        "--replaced",
+        type=int,
+        default=0,
+        metavar="N",
+        help="The message is a replacement (self.replace()) at this replaced_task_nesting.",
+    )
     parser.add_argument(
         "--digest",
         action="store_true",
@@ -26,10 +33,14 @@ def add_record_arguments(parser: CommandParser) -> None:
 
 
 def key_digest_from(options: dict[str, Any]) -> str:
-    """Return the key digest the command's arguments name."""
-    key = options["key"]
+    """Return the key digest the command's arguments name, derived as a delivery derives it."""
+    key, nesting = options["key"], options["replaced"]
+    if nesting < 0:
+        raise CommandError("--replaced must be 0 or more.")
     if not options["digest"]:
-        return digest(key)
+        return digest(nested_key(key, nesting))
+    if nesting:
+        raise CommandError("--replaced names a key, not a digest: leave out --digest.")
     if not _DIGEST.fullmatch(key):
         raise CommandError("With --digest, KEY must be 64 lowercase hex characters.")
     return key
