@@ -210,11 +210,20 @@ def test_business_key_duplicate_returns_the_original_result_exactly():
 
 @pytest.mark.parametrize(
     ("payload", "reason"),
-    [(object(), "not JSON-serializable"), ("x" * 70_000, "over RESULT_MAX_BYTES")],
+    [
+        (object(), "not JSON-serializable"),
+        ("x" * 70_000, "over RESULT_MAX_BYTES"),
+        ({"n": [1, float("nan")]}, "holds NaN or Infinity"),
+        ({"n": float("-inf")}, "holds NaN or Infinity"),
+        ({"note": "a\x00b"}, "holds a NUL character"),
+        ({"a\x00": 1}, "holds a NUL character"),
+        (["\udc80"], "holds a lone surrogate"),
+    ],
 )
 def test_unstorable_result_makes_duplicates_return_none_with_a_warning(payload, reason, caplog):
     first = by_order.apply(args=(f"A-{reason}",), kwargs={"payload": payload})
     assert first.get() is payload
+    assert rec(by_order, f"order:A-{reason}").status == DedupRecord.Status.CONSUMED
     assert reason in caplog.text
     caplog.clear()
     second = by_order.apply(args=(f"A-{reason}",))

@@ -244,3 +244,46 @@ def status_replace(self, tag, n, steps):
 def tx_replace(self, tag, n, steps):
     """A transactional task that replaces itself with its next step, before its COMMIT."""
     return _replace_step(self, tag, n, steps)
+
+
+ODD_RESULTS = {
+    "nan": float("nan"),
+    "infinity": float("inf"),
+    "nul": "order\x00note",
+    "surrogate": "order\ud800note",
+}
+
+
+def _odd_body(task, tag, n, kind):
+    _body(task, tag, n)
+    return {"order": n, "note": ODD_RESULTS[kind]}
+
+
+def _odd_key(tag, n, kind):
+    return f"odd:{tag}:{n}"
+
+
+@shared_task(bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def plain_odd_result(self, tag, n, kind):
+    """The control: returns a value a JSON store refuses; nothing stores it."""
+    return _odd_body(self, tag, n, kind)
+
+
+@shared_task(
+    bind=True,
+    base=DedupTask,
+    ignore_result=True,
+    dedup_processing_timeout=LEASE,
+    dedup_key=_odd_key,
+)
+def status_odd_result(self, tag, n, kind):
+    """A business-key status-mode task whose result a JSON store refuses."""
+    return _odd_body(self, tag, n, kind)
+
+
+@shared_task(
+    bind=True, base=DedupTask, ignore_result=True, dedup_transactional=True, dedup_key=_odd_key
+)
+def tx_odd_result(self, tag, n, kind):
+    """A business-key transactional task whose result a JSON store refuses."""
+    return _odd_body(self, tag, n, kind)
