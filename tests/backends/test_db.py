@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 from django.db import connections, transaction
+from django.test.utils import CaptureQueriesContext
 
 from dedup_celery.backends.base import Status, Verdict
 from dedup_celery.backends.db import DatabaseBackend
@@ -140,3 +141,18 @@ def test_an_unreachable_database_raises_storage_error(unreachable_database):
         backend.release("s", "d", uuid.uuid4().hex, expired_only=False)
     with pytest.raises(StorageError), backend.transactional_claim(make_claim()):
         pass
+
+
+def test_an_sqlite_without_returning_takes_the_portable_path(monkeypatch):
+    """SQLite before 3.35 has no RETURNING (this machine's is newer: the feature is turned off)."""
+    connection = connections["sqlite"]
+    monkeypatch.setattr(connection.features, "can_return_columns_from_insert", False)
+    backend = DatabaseBackend(database="sqlite")
+    claim = make_claim("old-sqlite")
+    with CaptureQueriesContext(connection) as queries:
+        assert backend.claim(claim).verdict is Verdict.CLAIMED
+        assert backend.complete(claim, {"value": 1}) is True
+    assert queries.captured_queries, "nothing ran on the SQLite alias"
+    assert [q["sql"] for q in queries if "RETURNING" in q["sql"].upper()] == []
+    duplicate = backend.claim(make_claim("old-sqlite"))
+    assert (duplicate.verdict, duplicate.record.result) == (Verdict.CONSUMED, {"value": 1})

@@ -94,7 +94,13 @@ class DatabaseBackend(TransactionalBackend):
         return DedupRecord.objects.using(self.alias)
 
     def _upsert(self, connection: Any) -> bool:
-        return not self._force_generic and connection.vendor in _UPSERT_VENDORS
+        # The one-statement claim needs INSERT … RETURNING: SQLite has it from 3.35
+        # only, and Django 5.2 still runs on 3.31.
+        return (
+            not self._force_generic
+            and connection.vendor in _UPSERT_VENDORS
+            and connection.features.can_return_columns_from_insert
+        )
 
     def _statement(self, connection: Any, name: str, *args: Any, **options: Any) -> str:
         cache_key = (connection.vendor, name, *args, *sorted(options.items()))
