@@ -48,23 +48,20 @@ def nested_key(key: str, nesting: int) -> str:
 
 
 def message_key(
-    task: Any,
-    key_function: Any,
-    task_id: str,
-    args: tuple,
-    kwargs: dict,
-    nesting: int = 0,
+    task: Any, key_function: Any, request: Any, args: tuple, kwargs: dict
 ) -> str | None:
-    """Return the key of one message of *task*: the task id, or ``key_function(*args, **kwargs)``.
+    """Return the key of *request*'s message: its task id, or ``key_function(*args, **kwargs)``.
 
-    A message at ``replaced_task_nesting`` *nesting* > 0 gets ``#r<nesting>``
-    after it (:func:`nested_key`). None means "run this call without dedup".
-    Anything else that is not a non-empty str raises :class:`DedupKeyError`
-    naming the task and the cause. The task, the worker's request and the
-    commands all derive keys here.
+    *request* is the task's request (``task.request``) or the worker's
+    ``Request``: both carry ``id`` and ``replaced_task_nesting``. A message at
+    nesting n > 0 gets ``#r<n>`` after it (:func:`nested_key`). None means "run
+    this call without dedup". Anything else that is not a non-empty str raises
+    :class:`DedupKeyError` naming the task and the cause. The task and the
+    worker's request derive keys here, the commands through :func:`nested_key`.
     """
+    nesting = getattr(request, "replaced_task_nesting", 0) or 0
     if key_function is None:
-        return nested_key(task_id, nesting)
+        return nested_key(request.id, nesting)
     try:
         key = key_function(*args, **kwargs)
     except Exception as exc:

@@ -31,11 +31,13 @@ class DedupRecordQuerySet(models.QuerySet):
         """The record of (scope, key digest), if any."""
         return self.filter(scope=scope, key_digest=key_digest)
 
+    def held_by(self, scope: str, key_digest: str, owner: str) -> DedupRecordQuerySet:
+        """The record of (scope, key digest) if *owner* still holds it, in any state."""
+        return self.for_key(scope, key_digest).filter(owner=uuid.UUID(owner))
+
     def owned(self, scope: str, key_digest: str, owner: str) -> DedupRecordQuerySet:
         """The PROCESSING record of (scope, key digest) if *owner* still holds it."""
-        return self.for_key(scope, key_digest).filter(
-            owner=uuid.UUID(owner), status=Status.PROCESSING
-        )
+        return self.held_by(scope, key_digest, owner).filter(status=Status.PROCESSING)
 
     def expired(self) -> DedupRecordQuerySet:
         """Records whose ``expires_at`` has passed, by the database's clock."""

@@ -63,8 +63,7 @@ class DedupRequest(Request):
         if options.transactional:
             return  # a transactional claim died with the child's transaction
         try:
-            nesting = getattr(self, "replaced_task_nesting", 0) or 0
-            key = message_key(task, options.key_function, self.id, self.args, self.kwargs, nesting)
+            key = message_key(task, options.key_function, self, self.args, self.kwargs)
         except DedupKeyError as exc:
             logger.warning(
                 "%s[%s]: could not end the dead child's lease: %s", self.name, self.id, exc

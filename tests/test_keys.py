@@ -12,6 +12,14 @@ class Task:
     name = "unit.keys"
 
 
+class Request:
+    """What a task's request and the worker's Request both carry."""
+
+    def __init__(self, nesting=0):
+        self.id = "tid-1"
+        self.replaced_task_nesting = nesting
+
+
 def by_order(order_no, **kwargs):
     return f"order:{order_no}"
 
@@ -27,14 +35,14 @@ def by_order(order_no, **kwargs):
     ],
 )
 def test_the_nesting_of_a_replacement_is_part_of_its_key(key_function, nesting, expected):
-    assert message_key(Task(), key_function, "tid-1", (7,), {}, nesting) == expected
+    assert message_key(Task(), key_function, Request(nesting), (7,), {}) == expected
     assert nested_key(expected.split("#")[0], nesting) == expected
 
 
 def test_a_call_without_dedup_stays_without_dedup_when_replaced():
-    assert message_key(Task(), lambda *a: None, "tid-1", (), {}, 2) is None
+    assert message_key(Task(), lambda *a: None, Request(2), (), {}) is None
 
 
 def test_a_bad_key_is_refused_at_any_nesting():
     with pytest.raises(DedupKeyError, match="empty string"):
-        message_key(Task(), lambda *a: "", "tid-1", (), {}, 1)
+        message_key(Task(), lambda *a: "", Request(1), (), {})

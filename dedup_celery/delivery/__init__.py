@@ -22,8 +22,7 @@ def deliver(task: Any, args: tuple, kwargs: dict) -> Any:
     request = task.request
     request.dedup_owner = None
     options = resolve(task)
-    nesting = getattr(request, "replaced_task_nesting", 0) or 0
-    key = message_key(task, options.key_function, request.id, args, kwargs, nesting)
+    key = message_key(task, options.key_function, request, args, kwargs)
     if key is None:
         logger.debug(
             "%s[%s]: dedup_key returned None, running without dedup", task.name, request.id

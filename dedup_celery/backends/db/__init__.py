@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
@@ -163,9 +162,7 @@ class DatabaseBackend(TransactionalBackend):
 
     def store_result(self, claim: Claim, result: Any) -> None:
         """Store *result* on the record *claim* owns (inside its open transaction)."""
-        self._records().for_key(claim.scope, claim.key_digest).filter(
-            owner=uuid.UUID(claim.owner)
-        ).update(result=result)
+        self._records().held_by(claim.scope, claim.key_digest, claim.owner).update(result=result)
 
     # -- the owner's transitions -----------------------------------------------------
 
@@ -175,16 +172,12 @@ class DatabaseBackend(TransactionalBackend):
         records = self._records()
         connection = connections[self.alias]
         if not self._upsert(connection):
-            updated = (
-                records.for_key(claim.scope, claim.key_digest)
-                .filter(owner=uuid.UUID(claim.owner))
-                .update(
-                    status=Status.CONSUMED,
-                    expires_at=NowPlus(claim.record_ttl),
-                    consumed_at=Now(),
-                    updated_at=Now(),
-                    result=result,
-                )
+            updated = records.held_by(claim.scope, claim.key_digest, claim.owner).update(
+                status=Status.CONSUMED,
+                expires_at=NowPlus(claim.record_ttl),
+                consumed_at=Now(),
+                updated_at=Now(),
+                result=result,
             )
         else:
             updated = execute(
