@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "RESULT_MAX_BYTES": 65536,
     "HEARTBEAT_INTERVAL": None,
     "MAX_TAKEOVERS": 5,
+    "MAX_STORE_RESCHEDULES": 720,
 }
 
 # Keys whose value is a number of seconds that must be greater than zero.
@@ -46,6 +47,7 @@ class Limits:
     result_max_bytes: int
     heartbeat_interval: float | None
     max_takeovers: int
+    max_store_reschedules: int
 
 
 @dataclass(frozen=True)
@@ -122,9 +124,10 @@ def validate(raw: Any) -> list[checks.CheckMessage]:
         bad(
             "HEARTBEAT_INTERVAL", "None (no lease renewal) or a number of seconds greater than zero"
         )
-    max_takeovers = merged["MAX_TAKEOVERS"]
-    if not isinstance(max_takeovers, int) or isinstance(max_takeovers, bool) or max_takeovers < 1:
-        bad("MAX_TAKEOVERS", "an integer, 1 or more")
+    for key in ("MAX_TAKEOVERS", "MAX_STORE_RESCHEDULES"):
+        count = merged[key]
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            bad(key, "an integer, 1 or more")
     max_bytes = merged["RESULT_MAX_BYTES"]
     if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
         bad("RESULT_MAX_BYTES", "an integer number of bytes, 0 or more (0 stores no results)")
@@ -171,6 +174,7 @@ def get_settings() -> DedupSettings:
                 else float(merged["HEARTBEAT_INTERVAL"])
             ),
             max_takeovers=int(merged["MAX_TAKEOVERS"]),
+            max_store_reschedules=int(merged["MAX_STORE_RESCHEDULES"]),
         )
     return _cached
 

@@ -48,6 +48,14 @@ class StorageError(DedupError):
     step: str = ""
 
 
+class StorageRefusedError(StorageError):
+    """The store refused a statement for its values (a ``DataError`` or ``IntegrityError``).
+
+    Retrying cannot fix that, so it is never taken for an outage: the delivery
+    fails at once, with the store's own message, instead of being rescheduled.
+    """
+
+
 class MissingTableError(StorageError):
     """The message table does not exist: the migrations were not run on that database."""
 

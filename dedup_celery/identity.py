@@ -21,6 +21,8 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
+from dedup_celery.keys import storable
+
 
 @dataclass(frozen=True)
 class OwnerIdentity:
@@ -89,7 +91,7 @@ def current_identity() -> OwnerIdentity:
         _cache = (
             pid,
             OwnerIdentity(
-                hostname=socket.gethostname()[:255],
+                hostname=storable(socket.gethostname()),
                 pid=pid,
                 process_start=process_start_ticks(pid),
                 boot_id=_read("/proc/sys/kernel/random/boot_id")[:64],

@@ -30,6 +30,25 @@ def display_key(key: str, limit: int = 255) -> str:
     return text
 
 
+def storable(text: str, limit: int = 255) -> str:
+    """Return *text* as every store can keep it in a column of *limit* characters.
+
+    Text that fits, holds no NUL and is valid UTF-8 comes back unchanged (so
+    every id that stores today keeps its stored form). Other text becomes its
+    display form cut short, then ``#`` and its digest: still readable, still one
+    stored value per text. Task ids and host names, which the store compares
+    for equality, are written in this form.
+    """
+    if len(text) <= limit and "\x00" not in text:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            pass
+        else:
+            return text
+    return f"{display_key(text, limit - 65)}#{digest(text)}"
+
+
 def scope_for(task: Any) -> str:
     """Return the scope of *task*'s records: its ``dedup_scope``, or else its name."""
     return task.dedup_scope or task.name

@@ -21,7 +21,7 @@ from celery.worker.request import Request
 
 from dedup_celery.exceptions import DedupKeyError
 from dedup_celery.identity import OwnerIdentity, current_identity, process_start_ticks
-from dedup_celery.keys import digest, message_key
+from dedup_celery.keys import digest, message_key, storable
 from dedup_celery.options import resolve
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class DedupRequest(Request):
 
             try:
                 outcome["done"] = get_backend().expire_lease_of_process(
-                    scope, digest(key), self.id, child
+                    scope, digest(key), storable(self.id), child
                 )
             except Exception as exc:
                 outcome["error"] = exc

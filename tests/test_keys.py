@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dedup_celery.exceptions import DedupKeyError
-from dedup_celery.keys import message_key, nested_key
+from dedup_celery.keys import digest, message_key, nested_key, storable
 
 
 class Task:
@@ -46,3 +46,30 @@ def test_a_call_without_dedup_stays_without_dedup_when_replaced():
 def test_a_bad_key_is_refused_at_any_nesting():
     with pytest.raises(DedupKeyError, match="empty string"):
         message_key(Task(), lambda *a: "", Request(1), (), {})
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["tid-1", "x" * 255, "ünïcode-ïd", "tab\tand\nnewline", "€" * 255],
+)
+def test_text_every_store_can_hold_is_stored_unchanged(text):
+    assert storable(text) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "other"),
+    [
+        ("x" * 256, "x" * 257),
+        ("x" * 300 + "a", "x" * 300 + "b"),
+        ("nul\x00a", "nul\\x00a"),
+        ("surrogate\ud800", "surrogate\\ud800"),
+    ],
+)
+def test_other_text_gets_a_short_clean_form_of_its_own(text, other):
+    stored = storable(text)
+    assert len(stored) <= 255
+    assert "\x00" not in stored
+    stored.encode("utf-8")  # strict: no lone surrogate left
+    assert stored == storable(text)
+    assert stored != storable(other)
+    assert stored.endswith("#" + digest(text))

@@ -44,7 +44,12 @@ from dedup_celery.states import Status
 
 @dataclass(frozen=True)
 class Claim:
-    """What one delivery of a message asks the store for."""
+    """What one delivery of a message asks the store for.
+
+    ``task_id`` and ``task_name`` are in their stored form
+    (:func:`~dedup_celery.keys.storable`): the id itself whenever a
+    255-character column can hold it.
+    """
 
     scope: str
     key: str
@@ -146,7 +151,7 @@ def claimant_values(claim: Claim, status: str) -> dict[str, Any]:
         status,
         claim.owner,
         claim.task_id,
-        claim.task_name[:255],
+        claim.task_name,
         claim.attempt,
         ident.hostname,
         ident.pid,

@@ -9,7 +9,7 @@ from typing import Any
 from dedup_celery import signals
 from dedup_celery.backends.base import BaseBackend, Claim, ClaimOutcome, Record, Verdict
 from dedup_celery.identity import current_identity
-from dedup_celery.keys import digest
+from dedup_celery.keys import digest, storable
 from dedup_celery.options import TaskOptions
 
 #: Every delivery logs here, whatever module the step lives in.
@@ -44,8 +44,8 @@ class Delivery:
             key=key,
             key_digest=digest(key),
             owner=uuid.uuid4().hex,
-            task_id=request.id,
-            task_name=task.name,
+            task_id=storable(request.id),
+            task_name=storable(task.name),
             attempt=request.retries or 0,
             identity=current_identity(),
             lease_seconds=options.processing_timeout,

@@ -26,6 +26,7 @@ from dedup_celery.exceptions import (
     MissingTableError,
     PoisonMessageError,
     StorageError,
+    StorageRefusedError,
 )
 
 
@@ -106,13 +107,51 @@ def in_flight(delivery: Delivery, outcome: ClaimOutcome) -> NoReturn:
     reschedule(delivery, countdown)
 
 
+#: The header that counts a message's reschedules for a failing store, copy after copy.
+STORE_RESCHEDULES_HEADER = "dedup_store_reschedules"
+
+
+def store_reschedules(request: Any) -> int:
+    """How many times this message was already rescheduled because the store failed."""
+    value = (getattr(request, "headers", None) or {}).get(STORE_RESCHEDULES_HEADER, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
 def storage_unavailable(delivery: Delivery, exc: BaseException, phase: str) -> NoReturn:
-    """The store failed before the body could run claimed (or at COMMIT): reschedule."""
+    """The store failed before the body could run claimed (or at COMMIT).
+
+    An outage is rescheduled, at most ``MAX_STORE_RESCHEDULES`` times per
+    message (counted in a header of the copy); a refused statement, and an
+    outage past that bound, fail the delivery instead, loudly. Either way the
+    body never runs unclaimed.
+    """
+    done = "the body did not run" if phase == "claim" else "nothing of this delivery committed"
+    if isinstance(exc, StorageRefusedError):
+        logger.error(
+            "%s: the message store refused this message during %s (%s); retrying cannot "
+            "fix that, so the delivery fails instead of being rescheduled, and %s.",
+            delivery.label,
+            phase,
+            exc,
+            done,
+        )
+        raise exc
     if delivery.request.is_eager:
         raise StorageError(
             f"{delivery.label}: the message store failed during {phase}, and an eager call "
             f"cannot be rescheduled: {exc}"
         ) from exc
+    spent = store_reschedules(delivery.request)
+    limit = delivery.options.max_store_reschedules
+    if spent >= limit:
+        message = (
+            f"{delivery.label}: the message store failed during {phase} ({exc}), and this "
+            f"message was already rescheduled {spent} times for store failures "
+            f"(MAX_STORE_RESCHEDULES={limit}); it fails now instead, and {done}. Send it "
+            "again once the store works."
+        )
+        logger.error("%s", message)
+        raise StorageError(message) from exc
     countdown = delivery.options.retry_countdown
     # A missing table is a deployment error, not an outage: say it loudly.
     level = logging.ERROR if isinstance(exc, MissingTableError) else logging.WARNING
@@ -125,20 +164,26 @@ def storage_unavailable(delivery: Delivery, exc: BaseException, phase: str) -> N
         exc,
         countdown,
     )
-    reschedule(delivery, countdown)
+    reschedule(delivery, countdown, headers={STORE_RESCHEDULES_HEADER: spent + 1})
 
 
-def reschedule(delivery: Delivery, countdown: float) -> NoReturn:
+def reschedule(
+    delivery: Delivery, countdown: float, headers: dict[str, Any] | None = None
+) -> NoReturn:
     """Publish this request again after *countdown*, then ack this copy.
 
     This is what ``Task.retry`` does inside, less what makes it wrong here:
     the copy keeps ``request.retries`` (so the user's ``max_retries`` is not
     spent), no RETRY state is written over the original's result, and a
-    failed publish leaves this message unacked instead of dropping it.
+    failed publish leaves this message unacked instead of dropping it. The
+    copy keeps the message's custom headers, with *headers* over them.
     """
     request = delivery.request
     signature = delivery.task.signature_from_request(
-        request, countdown=countdown, retries=request.retries or 0
+        request,
+        countdown=countdown,
+        retries=request.retries or 0,
+        headers={**request.as_execution_options()["headers"], **(headers or {})},
     )
     try:
         signature.apply_async()

@@ -20,7 +20,7 @@ from django.db import connections
 from dedup_celery.backends.base import OwnerIdentity, Status, Verdict
 from dedup_celery.backends.redis import RedisBackend
 from dedup_celery.identity import current_identity
-from dedup_celery.keys import digest
+from dedup_celery.keys import digest, storable
 from tests.helpers import make_claim
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "sqlite"])
@@ -295,6 +295,25 @@ def test_a_failed_body_leaves_a_record_that_skips_only_stale_copies(backend):
     assert (outcome.record.attempt, outcome.record.takeovers) == (1, 0)
     backend.fail(retry)
     assert backend.claim(make_claim(task_id="tid-2")).verdict is Verdict.CLAIMED
+
+
+def test_task_ids_no_column_holds_keep_their_identity_in_stored_form(backend):
+    # Delivery writes every task id in its stored form; two long ids that share
+    # their first 300 characters are still two messages.
+    first, second = (storable("t" * 300 + end) for end in "ab")
+    claim = make_claim(task_id=first, task_name=storable("n" * 300))
+    assert backend.claim(claim).verdict is Verdict.CLAIMED
+    assert backend.fail(claim) is True
+    assert get(backend, "k-1").task_id == first
+    assert backend.claim(make_claim(task_id=first)).verdict is Verdict.STALE
+    for n, odd in enumerate((second, storable("nul\x00"), storable("surrogate\ud800"))):
+        key = f"k-odd-{n}"
+        retry = make_claim(key, task_id=odd)
+        assert backend.claim(retry).verdict is Verdict.CLAIMED
+        assert backend.complete(retry, None) is True
+        assert get(backend, key).task_id == odd
+        assert backend.claim(make_claim(key, task_id=odd)).verdict is Verdict.CONSUMED
+    assert backend.claim(make_claim(task_id=second)).verdict is Verdict.CLAIMED
 
 
 def test_fail_renew_and_expire_by_a_stale_owner_change_nothing(backend):

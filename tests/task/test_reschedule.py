@@ -15,6 +15,8 @@ from celery.app.trace import build_tracer
 from django.test import override_settings
 
 from dedup_celery import DedupTask, signals
+from dedup_celery.delivery.outcomes import STORE_RESCHEDULES_HEADER
+from dedup_celery.exceptions import StorageError
 from dedup_celery.keys import digest
 from dedup_celery.models import DedupRecord
 from tests.celery_app import app
@@ -29,10 +31,13 @@ def reschedulable(self, value, *, flag=None):
     return value
 
 
-def run_as_worker(task, task_id, args, kwargs, *, retries=0, queue="q-unit-reschedule"):
-    """Run *task* through Celery's tracer with a worker-like request."""
+def run_as_worker(
+    task, task_id, args, kwargs, *, retries=0, queue="q-unit-reschedule", headers=None
+):
+    """Run *task* through Celery's tracer with a worker-like request (and custom *headers*)."""
     tracer = build_tracer(task.name, task, app=task.app, eager=False, propagate=False)
     request = {
+        **(headers or {}),
         "id": task_id,
         "retries": retries,
         "delivery_info": {"exchange": "", "routing_key": queue, "priority": 0},
@@ -165,3 +170,47 @@ def test_a_missing_table_is_an_error_that_names_migrate_and_loses_nothing(
     caplog.clear()
     log_check_messages(sender=None)
     assert "the message table does not exist" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)  # the FAILURE is stored in the result backend
+def test_store_reschedules_are_counted_on_the_copy_and_bounded(celery_broker, caplog):
+    # The store stays down: each copy counts one more reschedule in its header,
+    # keeps the producer's own headers, and the one past the bound fails loudly.
+    task_id = str(uuid.uuid4())
+    headers = {"x-tenant": "acme"}
+    settings = {
+        "BACKEND": "redis",
+        "OPTIONS": {"url": "redis://127.0.0.1:1/0"},
+        "RETRY_COUNTDOWN": 1,
+        "MAX_STORE_RESCHEDULES": 3,
+    }
+    with override_settings(DEDUP_CELERY=settings):
+        for spent in range(3):
+            trace = run_as_worker(
+                reschedulable, task_id, [1], {}, queue="q-unit-bound", headers=headers
+            )
+            assert trace.info.state == "IGNORED"
+            with app.connection_for_read() as connection:
+                headers = read_queue(connection, "q-unit-bound").headers
+            assert headers[STORE_RESCHEDULES_HEADER] == spent + 1
+            assert (headers["id"], headers["x-tenant"]) == (task_id, "acme")
+        caplog.clear()
+        trace = run_as_worker(
+            reschedulable, task_id, [1], {}, queue="q-unit-bound", headers=headers
+        )
+    assert trace.info.state == "FAILURE"
+    error = trace.info.retval
+    assert isinstance(error, StorageError)
+    assert "rescheduled 3 times for store failures (MAX_STORE_RESCHEDULES=3)" in str(error)
+    assert any(
+        r.levelname == "ERROR" and "MAX_STORE_RESCHEDULES=3" in r.getMessage()
+        for r in caplog.records
+    )
+    assert RUNS == []
+    with app.connection_for_read() as connection:
+        simple = connection.SimpleQueue("q-unit-bound")
+        try:
+            with pytest.raises(simple.Empty):
+                simple.get(timeout=2)  # a copy published past the bound would be here
+        finally:
+            simple.close()

@@ -28,6 +28,7 @@ from django.db import InterfaceError, OperationalError
 from django.dispatch import receiver
 
 from dedup_celery import DedupTask
+from dedup_celery.keys import display_key
 from dedup_celery.signals import message_claimed
 from tests.testapp.models import Effect
 
@@ -49,16 +50,26 @@ def _kill_once(tag, n, point):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _log_run(kind, request, tag, n):
+    """Append one line to the run log (task ids escaped: they may hold NUL or surrogates)."""
+    task_id = display_key(request.id, 10_000)
+    with open(run_log(tag), "a") as fh:
+        fh.write(f"{kind} {n} {task_id} {request.retries} {os.getpid()} {time.time()}\n")
+
+
 def _effect(request, tag, n):
     Effect.objects.create(
-        tag=tag, n=n, task_id=request.id, retries=request.retries or 0, pid=os.getpid()
+        tag=tag,
+        n=n,
+        task_id=display_key(request.id, 10_000),
+        retries=request.retries or 0,
+        pid=os.getpid(),
     )
 
 
 def _body(task, tag, n, sleep=0.0, kill=None, effect_first=False, fail=False, before_effect=None):
     request = task.request
-    with open(run_log(tag), "a") as fh:
-        fh.write(f"start {n} {request.id} {request.retries} {os.getpid()} {time.time()}\n")
+    _log_run("start", request, tag, n)
     if kill == "before_effect":
         _kill_once(tag, n, kill)
     if kill == "always":
@@ -75,8 +86,7 @@ def _body(task, tag, n, sleep=0.0, kill=None, effect_first=False, fail=False, be
         _effect(request, tag, n)
     if kill == "after_effect":
         _kill_once(tag, n, kill)
-    with open(run_log(tag), "a") as fh:
-        fh.write(f"end {n} {request.id} {request.retries} {os.getpid()} {time.time()}\n")
+    _log_run("end", request, tag, n)
     return n
 
 
@@ -287,3 +297,31 @@ def status_odd_result(self, tag, n, kind):
 def tx_odd_result(self, tag, n, kind):
     """A business-key transactional task whose result a JSON store refuses."""
     return _odd_body(self, tag, n, kind)
+
+
+def _deferred_conflict(task, tag, n):
+    """A body whose transaction cannot commit: its COMMIT raises an IntegrityError."""
+    from tests.testapp.models import DeferredUnique
+
+    request = task.request
+    _log_run("start", request, tag, n)
+    _effect(request, tag, n)
+    DeferredUnique.objects.create(tag=tag)
+    DeferredUnique.objects.create(tag=tag)
+    return n
+
+
+@shared_task(bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def plain_deferred_conflict(self, tag, n):
+    """The control: the same body in its own transaction, without dedup."""
+    from django.db import transaction
+
+    with transaction.atomic():
+        return _deferred_conflict(self, tag, n)
+
+
+@shared_task(
+    bind=True, base=DedupTask, ignore_result=True, dedup_transactional=True, dedup_retry_countdown=1
+)
+def tx_deferred_conflict(self, tag, n):
+    return _deferred_conflict(self, tag, n)

@@ -17,7 +17,12 @@ from dedup_celery.backends.base import Status
 from dedup_celery.models import DedupRecord
 from tests.scenario import effects, new_id, record, settle, starts, wait_until
 from tests.testapp.models import Effect
-from tests.testapp.tasks import plain_effect, tx_effect
+from tests.testapp.tasks import (
+    plain_deferred_conflict,
+    plain_effect,
+    tx_deferred_conflict,
+    tx_effect,
+)
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
@@ -112,3 +117,33 @@ def test_a_database_error_in_the_claim_or_at_commit_reschedules(
     records = [record(tx_effect, task_id)]
     report_scenario(f"DB error at {where}", "transactional", tag, messages=1, records=records)
     report_scenario(f"DB error at {where}", "plain", plain_tag, messages=1)
+
+
+def test_a_commit_the_database_refuses_fails_once_instead_of_looping(worker, report_scenario):
+    # The body breaks a deferred unique constraint: its COMMIT raises an
+    # IntegrityError every time, so a reschedule could only run it again and again.
+    tag, task_id = f"tx-refused-{new_id()[:8]}", new_id()
+    plain_tag, plain_id = f"plain-refused-{new_id()[:8]}", new_id()
+    tx_deferred_conflict.apply_async(
+        kwargs={"tag": tag, "n": 1}, task_id=task_id, queue=worker.queue
+    )
+    plain_deferred_conflict.apply_async(
+        kwargs={"tag": plain_tag, "n": 1}, task_id=plain_id, queue=worker.queue
+    )
+    log_line = f"{tx_deferred_conflict.name}[{task_id}]: the message store refused this message"
+    wait_until(lambda: log_line in worker.log_text(), timeout=30, what="the refusal")
+    wait_until(lambda: starts(plain_tag), timeout=30, what="the control to run")
+    settle(4)  # time for a copy that would run it again (RETRY_COUNTDOWN is 1 s)
+    log = worker.log_text()
+    # The control: the same COMMIT fails once, and the message is gone with nothing done.
+    assert (len(starts(plain_tag)), effects(plain_tag)) == (1, 0)
+    assert f"Task {plain_deferred_conflict.name}[{plain_id}] raised unexpected" in log
+    # The DedupTask's delivery fails the same way, once, naming the cause.
+    assert (len(starts(tag)), effects(tag)) == (1, 0)
+    assert "during commit" in log.split(log_line, 1)[1].splitlines()[0]
+    assert "IntegrityError" in log.split(log_line, 1)[1].splitlines()[0]
+    assert f"{tx_deferred_conflict.name}[{task_id}]: the message store failed" not in log
+    assert f"Task {tx_deferred_conflict.name}[{task_id}] raised unexpected" in log
+    assert DedupRecord.objects.filter(task_id=task_id).count() == 0
+    report_scenario("COMMIT refused", "transactional", tag, messages=1, effect_expected=False)
+    report_scenario("COMMIT refused", "plain", plain_tag, messages=1, effect_expected=False)

@@ -6,9 +6,9 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from django.db import Error, connections
+from django.db import DataError, Error, IntegrityError, connections
 
-from dedup_celery.exceptions import MissingTableError, StorageError
+from dedup_celery.exceptions import MissingTableError, StorageError, StorageRefusedError
 
 T = TypeVar("T")
 
@@ -24,6 +24,31 @@ DRIVER_ERRORS: tuple[type[Exception], ...] = (
 )
 # PQTransactionStatus: PQTRANS_INERROR is 3 (psycopg and psycopg2 alike).
 _PQTRANS_INERROR = 3
+
+#: Errors that say the statement's values are wrong, not that the store is down.
+REFUSALS: tuple[type[Exception], ...] = (DataError, IntegrityError) + (
+    () if _psycopg is None else (_psycopg.DataError, _psycopg.IntegrityError)
+)
+#: MySQL/MariaDB error numbers of refused values that mysqlclient raises as
+#: OperationalError: out of range (1264), a wrong value (1292, 1366), too long
+#: for its column (1406), and NULL in a NOT NULL column (1048).
+MYSQL_REFUSED_ERRNOS = frozenset({1048, 1264, 1292, 1366, 1406})
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """True if retrying cannot fix *exc*: the store refused the statement's values.
+
+    Decided by the exception's class (Django's and the driver's ``DataError``
+    and ``IntegrityError``, SQLSTATE classes 22 and 23), and on MySQL by the
+    error number, never by its text.
+    """
+    if isinstance(exc, REFUSALS):
+        return True
+    for error in (exc, exc.__cause__):
+        args = getattr(error, "args", None) or (None,)
+        if isinstance(args[0], int) and args[0] in MYSQL_REFUSED_ERRNOS:
+            return True
+    return False
 
 
 def is_missing_table(exc: Exception, table: str) -> bool:
@@ -65,6 +90,11 @@ def storage_error(alias: str, table: str, exc: Exception, step: str = "") -> Sto
             f"the message table {table} does not exist on database {alias!r}: run "
             f"'python manage.py migrate dedup_celery' (--database {alias} if it is not the "
             f"default). ({exc})".strip()
+        )
+    elif is_refusal(exc):
+        error = StorageRefusedError(
+            f"the message table on database {alias!r} refused the statement: "
+            f"{type(exc).__name__}: {exc}".strip()
         )
     else:
         error = StorageError(

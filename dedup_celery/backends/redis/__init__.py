@@ -43,7 +43,7 @@ from dedup_celery.backends.base import (
     outcome_for,
 )
 from dedup_celery.backends.redis.scripts import SCRIPT_NAMES, script_source
-from dedup_celery.exceptions import DedupConfigurationError, StorageError
+from dedup_celery.exceptions import DedupConfigurationError, StorageError, StorageRefusedError
 from dedup_celery.states import Status
 
 T = TypeVar("T")
@@ -79,6 +79,12 @@ def _storage_errors(method: Callable[..., T]) -> Callable[..., T]:
         redis = _import_redis()
         try:
             return method(self, *args, **kwargs)
+        except (redis.DataError, UnicodeError) as exc:
+            # A value redis-py cannot send: no retry sends it either.
+            raise StorageRefusedError(
+                f"the Redis message store at {self.safe_url} refused a value: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         except redis.RedisError as exc:
             raise StorageError(
                 f"the Redis message store at {self.safe_url} failed: {type(exc).__name__}: {exc}"

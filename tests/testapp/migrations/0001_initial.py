@@ -20,7 +20,7 @@ class Migration(migrations.Migration):
                 ),
                 ("tag", models.CharField(max_length=100)),
                 ("n", models.IntegerField()),
-                ("task_id", models.CharField(max_length=255)),
+                ("task_id", models.TextField()),
                 ("retries", models.IntegerField(default=0)),
                 ("pid", models.IntegerField()),
                 ("created_at", models.DateTimeField(auto_now_add=True)),
