@@ -13,11 +13,14 @@ class DedupCeleryConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        """Register checks, and log them once when a Celery worker is ready."""
-        from celery.signals import worker_ready
+        """Register checks; a Celery worker with check errors does not start, others log them."""
+        from celery.signals import worker_init, worker_ready
 
         from dedup_celery import checks
 
+        worker_init.connect(
+            checks.refuse_to_start_on_errors, weak=False, dispatch_uid="dedup_celery.start"
+        )
         worker_ready.connect(
             checks.log_check_messages, weak=False, dispatch_uid="dedup_celery.checks"
         )

@@ -28,8 +28,10 @@ id                        problem
 
 The checks of Celery configuration never raise, and apart from tasks that can never
 work (E006, E007, E008) they are warnings, so they do not stop ``manage.py
-migrate``. Celery's worker runs the checks but discards their
-output, so :func:`log_check_messages` logs them once when the worker is ready.
+migrate``. Celery's worker runs the checks but discards their output, so a worker
+with dedup check errors refuses to start (:func:`refuse_to_start_on_errors`, at
+``worker_init``, before it consumes anything), and :func:`log_check_messages`
+logs the warnings once it is ready.
 """
 
 from __future__ import annotations
@@ -281,6 +283,34 @@ def _task_messages(app: Any, tasks: Iterable[Any]) -> Iterable[checks.CheckMessa
                 obj=", ".join(names),
                 id="dedup_celery.E006",
             )
+
+
+def refuse_to_start_on_errors(**kwargs: Any) -> None:
+    """Stop a starting Celery worker whose dedup configuration has check errors.
+
+    Connected to ``worker_init``, which the worker sends before it starts its
+    pool and consumer. A worker that started anyway would fail (and ack) or
+    reschedule every message of its DedupTasks, so it exits with the messages
+    instead. ``SystemExit`` is the one exception Celery's signal dispatch does
+    not swallow. Warnings do not stop it; :func:`log_check_messages` logs them.
+    """
+    from django.core.checks import run_checks
+
+    try:
+        messages = run_checks(tags=[TAG])
+    except Exception:
+        logger.exception("dedup_celery: the system checks could not run")
+        return
+    errors = [message for message in messages if message.is_serious()]
+    if errors:
+        lines = "\n".join(f"  {message}" for message in errors)
+        raise SystemExit(
+            "dedup_celery: this worker does not start, because its dedup configuration has "
+            f"{len(errors)} check error(s); started, it would fail or reschedule every "
+            f"message of its DedupTasks:\n{lines}\n"
+            "Fix them (python manage.py check --tag dedup_celery lists them), then start "
+            "the worker again."
+        )
 
 
 def log_check_messages(**kwargs: Any) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dedup_celery.conf import Limits, get_settings, is_seconds
+from dedup_celery.conf import DEFAULTS, Limits, get_settings, is_seconds, raw_settings
 from dedup_celery.exceptions import DedupConfigurationError
 from dedup_celery.keys import scope_for
 
@@ -114,3 +114,20 @@ def resolve(task: Any) -> TaskOptions:
         transactional=task.dedup_transactional,
         key_function=key_function(task),
     )
+
+
+def fallback_countdown(task: Any) -> float:
+    """Return the retry countdown for *task* when its options or the settings do not resolve.
+
+    The task's ``dedup_retry_countdown``, else ``RETRY_COUNTDOWN``, each only if
+    it is still a valid number of seconds, else the default.
+    """
+    raw = raw_settings()
+    candidates = (
+        getattr(task, "dedup_retry_countdown", None),
+        raw.get("RETRY_COUNTDOWN") if isinstance(raw, dict) else None,
+    )
+    for value in candidates:
+        if is_seconds(value):
+            return float(value)
+    return float(DEFAULTS["RETRY_COUNTDOWN"])

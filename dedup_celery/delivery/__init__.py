@@ -10,18 +10,35 @@ from __future__ import annotations
 from typing import Any
 
 from dedup_celery.backends import get_backend
+from dedup_celery.backends.base import TransactionalBackend
+from dedup_celery.delivery import outcomes
 from dedup_celery.delivery.base import Delivery, logger
 from dedup_celery.delivery.status import StatusDelivery
 from dedup_celery.delivery.transactional import TransactionalDelivery
+from dedup_celery.exceptions import DedupConfigurationError
 from dedup_celery.keys import message_key
 from dedup_celery.options import resolve
 
 
 def deliver(task: Any, args: tuple, kwargs: dict) -> Any:
-    """Run one delivery of *task*'s current request: at most one effect per message key."""
+    """Run one delivery of *task*'s current request: at most one effect per message key.
+
+    A configuration that does not resolve reschedules the message
+    (:func:`.outcomes.misconfigured`); it never runs the body without dedup.
+    """
     request = task.request
     request.dedup_owner = None
-    options = resolve(task)
+    try:
+        options = resolve(task)
+        backend = get_backend()
+        if options.transactional and not isinstance(backend, TransactionalBackend):
+            raise DedupConfigurationError(
+                f"Task {task.name!r} sets dedup_transactional=True, but the "
+                f"{type(backend).__name__} backend has no transactions. Use the database "
+                "backend (DEDUP_CELERY['BACKEND'] = 'db') or status mode."
+            )
+    except DedupConfigurationError as exc:
+        outcomes.misconfigured(task, exc)
     key = message_key(task, options.key_function, request, args, kwargs)
     if key is None:
         logger.debug(
@@ -29,7 +46,7 @@ def deliver(task: Any, args: tuple, kwargs: dict) -> Any:
         )
         return task.run(*args, **kwargs)
     kind = TransactionalDelivery if options.transactional else StatusDelivery
-    return kind(task, options, key, get_backend(), args, kwargs).run()
+    return kind(task, options, key, backend, args, kwargs).run()
 
 
 __all__ = ["Delivery", "StatusDelivery", "TransactionalDelivery", "deliver"]

@@ -22,12 +22,14 @@ from dedup_celery.backends.base import ClaimOutcome, Verdict
 from dedup_celery.delivery.base import Delivery, logger
 from dedup_celery.delivery.results import original_result
 from dedup_celery.exceptions import (
+    DedupConfigurationError,
     DuplicateInFlightError,
     MissingTableError,
     PoisonMessageError,
     StorageError,
     StorageRefusedError,
 )
+from dedup_celery.options import fallback_countdown
 
 
 def duplicate(delivery: Delivery, outcome: ClaimOutcome) -> Any:
@@ -167,10 +169,44 @@ def storage_unavailable(delivery: Delivery, exc: BaseException, phase: str) -> N
     reschedule(delivery, countdown, headers={STORE_RESCHEDULES_HEADER: spent + 1})
 
 
+def misconfigured(task: Any, exc: DedupConfigurationError) -> NoReturn:
+    """The dedup configuration broke under a running worker: reschedule, never ack it away.
+
+    A worker with such errors does not start (``checks.refuse_to_start_on_errors``);
+    this is for a configuration that breaks after it started. The countdown is
+    the task's or the settings' ``RETRY_COUNTDOWN`` where those still parse.
+    An eager call raises the error.
+    """
+    request = task.request
+    if request.is_eager:
+        raise exc
+    label = f"{task.name}[{request.id}]"
+    countdown = fallback_countdown(task)
+    logger.error(
+        "%s: the dedup configuration is broken (%s); the body did not run. Rescheduled in "
+        "%s s: the message runs once the configuration is fixed.",
+        label,
+        exc,
+        countdown,
+    )
+    republish(task, request, label, countdown)
+
+
 def reschedule(
     delivery: Delivery, countdown: float, headers: dict[str, Any] | None = None
 ) -> NoReturn:
-    """Publish this request again after *countdown*, then ack this copy.
+    """Publish this request again after *countdown*, then ack this copy (see :func:`republish`)."""
+    republish(delivery.task, delivery.request, delivery.label, countdown, headers)
+
+
+def republish(
+    task: Any,
+    request: Any,
+    label: str,
+    countdown: float,
+    headers: dict[str, Any] | None = None,
+) -> NoReturn:
+    """Publish *request* again after *countdown*, then ack this copy.
 
     This is what ``Task.retry`` does inside, less what makes it wrong here:
     the copy keeps ``request.retries`` (so the user's ``max_retries`` is not
@@ -178,8 +214,7 @@ def reschedule(
     failed publish leaves this message unacked instead of dropping it. The
     copy keeps the message's custom headers, with *headers* over them.
     """
-    request = delivery.request
-    signature = delivery.task.signature_from_request(
+    signature = task.signature_from_request(
         request,
         countdown=countdown,
         retries=request.retries or 0,
@@ -190,7 +225,7 @@ def reschedule(
     except Exception as exc:
         logger.error(
             "%s: could not publish the rescheduled copy (%s); the message is requeued instead.",
-            delivery.label,
+            label,
             exc,
         )
         raise Reject(exc, requeue=True) from exc

@@ -10,7 +10,7 @@ from dedup_celery.backends.base import TransactionalBackend
 from dedup_celery.delivery import outcomes
 from dedup_celery.delivery.base import Delivery
 from dedup_celery.delivery.results import storable_result
-from dedup_celery.exceptions import DedupConfigurationError, StorageError
+from dedup_celery.exceptions import StorageError
 
 
 class TransactionalDelivery(Delivery):
@@ -19,12 +19,7 @@ class TransactionalDelivery(Delivery):
     def run(self) -> Any:
         """Claim and run the body in one transaction; reschedule if the store fails."""
         backend = self.backend
-        if not isinstance(backend, TransactionalBackend):
-            raise DedupConfigurationError(
-                f"Task {self.task.name!r} sets dedup_transactional=True, but the "
-                f"{type(backend).__name__} backend has no transactions. Use the database "
-                "backend (DEDUP_CELERY['BACKEND'] = 'db') or status mode."
-            )
+        assert isinstance(backend, TransactionalBackend), "deliver() checks the backend"
         ignored: Ignore | None = None
         retval: Any = None
         body_raised = False

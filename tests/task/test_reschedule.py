@@ -214,3 +214,44 @@ def test_store_reschedules_are_counted_on_the_copy_and_bounded(celery_broker, ca
                 simple.get(timeout=2)  # a copy published past the bound would be here
         finally:
             simple.close()
+
+
+@app.task(base=DedupTask, name="unit.default_countdown", bind=True)
+def default_countdown(self, value):
+    RUNS.append(self.request.id)
+    return value
+
+
+@pytest.mark.parametrize(
+    ("broken", "countdown"),
+    [
+        ({"BACKEND": "no.such.Backend", "RETRY_COUNTDOWN": 2}, 2),  # settings still parse
+        ({"RETRY_COUNTDOWN": 0}, 5),  # they do not: the default countdown
+        ({"BACKEND": "redis", "OPTIONS": {"url": "redis://127.0.0.1:1/0"}}, 5),  # E008
+    ],
+)
+def test_a_configuration_that_breaks_under_a_running_worker_reschedules(
+    celery_broker, caplog, broken, countdown
+):
+    # The worker started with a good configuration; then it breaks (here through
+    # override_settings, which drops the cached settings as a change would).
+    task = tx_default_countdown if "OPTIONS" in broken else default_countdown
+    task_id = str(uuid.uuid4())
+    before = datetime.datetime.now(datetime.timezone.utc)
+    with override_settings(DEDUP_CELERY=broken):
+        trace = run_as_worker(task, task_id, [1], {}, queue="q-unit-misconfigured")
+    assert trace.info.state == "IGNORED"  # not FAILURE: the message is not acked away
+    assert RUNS == []
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("the dedup configuration is broken" in line for line in errors)
+    with app.connection_for_read() as connection:
+        headers = read_queue(connection, "q-unit-misconfigured").headers
+    assert (headers["id"], headers["retries"]) == (task_id, 0)
+    delay = (datetime.datetime.fromisoformat(headers["eta"]) - before).total_seconds()
+    assert countdown - 0.5 <= delay <= countdown + 5
+
+
+@app.task(base=DedupTask, name="unit.tx_default_countdown", bind=True, dedup_transactional=True)
+def tx_default_countdown(self, value):
+    RUNS.append(self.request.id)
+    return value
