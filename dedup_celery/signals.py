@@ -13,7 +13,8 @@ from django.dispatch import Signal
 message_claimed = Signal()
 #: A duplicate was skipped (the body did not run). Adds ``reason``: ``"consumed"``
 #: for a copy of a consumed message, ``"stale"`` for a copy of a delivery whose
-#: body already raised.
+#: body already raised, ``"expired"`` for a copy made by a reschedule that arrived
+#: after its message's ``expires`` (``record`` is None: the store was not asked).
 duplicate_skipped = Signal()
 #: A duplicate of a message still in flight was rescheduled. Adds ``countdown``.
 duplicate_rescheduled = Signal()

@@ -46,7 +46,11 @@ def deliver(task: Any, args: tuple, kwargs: dict) -> Any:
         )
         return task.run(*args, **kwargs)
     kind = TransactionalDelivery if options.transactional else StatusDelivery
-    return kind(task, options, key, backend, args, kwargs).run()
+    delivery = kind(task, options, key, backend, args, kwargs)
+    deadline = outcomes.copy_deadline(task, request)
+    if deadline is not None:
+        outcomes.expired_copy(delivery, deadline)
+    return delivery.run()
 
 
 __all__ = ["Delivery", "StatusDelivery", "TransactionalDelivery", "deliver"]

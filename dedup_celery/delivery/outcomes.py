@@ -12,10 +12,12 @@ Each leaves a log line, and a duplicate a signal, so none is silent.
 
 from __future__ import annotations
 
+import datetime
 import logging
 from typing import Any, NoReturn
 
 from celery.exceptions import Ignore, Reject
+from celery.utils.time import maybe_iso8601, maybe_make_aware
 
 from dedup_celery import signals
 from dedup_celery.backends.base import ClaimOutcome, Verdict
@@ -111,6 +113,54 @@ def in_flight(delivery: Delivery, outcome: ClaimOutcome) -> NoReturn:
 
 #: The header that counts a message's reschedules for a failing store, copy after copy.
 STORE_RESCHEDULES_HEADER = "dedup_store_reschedules"
+#: The header that carries the message's own ``expires`` on the copies this package makes.
+EXPIRES_HEADER = "dedup_expires"
+
+
+def copy_deadline(task: Any, request: Any) -> datetime.datetime | None:
+    """Return the ``expires`` of the message that *request*'s copy was made from, or None.
+
+    Only copies made by :func:`republish` carry it; Celery judges the
+    ``expires`` of every other message itself, before the task runs.
+    """
+    value = (getattr(request, "headers", None) or {}).get(EXPIRES_HEADER)
+    if not value:
+        return None
+    try:
+        deadline = maybe_iso8601(value)
+    except (TypeError, ValueError):
+        logger.warning(
+            "%s[%s]: ignoring the unreadable %s header %r",
+            task.name,
+            request.id,
+            EXPIRES_HEADER,
+            value,
+        )
+        return None
+    return maybe_make_aware(deadline, task.app.timezone)
+
+
+def expired_copy(delivery: Delivery, deadline: datetime.datetime) -> None:
+    """Skip a copy this package made that arrives after its message's ``expires``, if it did.
+
+    The copy carries no broker ``expires``, so the worker never revokes it:
+    that would write REVOKED over the original's result, count a chord part,
+    and put the task id in the worker's revoked set. It ends with ``Ignore``
+    instead, which writes no state, after a log line and ``duplicate_skipped``.
+    """
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if now <= deadline:
+        return
+    logger.info(
+        "%s: copy skipped; it arrived after its message's expires (%s), so it does not run "
+        "(scope %s, key digest %s)",
+        delivery.label,
+        deadline.isoformat(),
+        delivery.claim.scope,
+        delivery.claim.key_digest,
+    )
+    delivery.send(signals.duplicate_skipped, None, reason="expired")
+    raise Ignore()
 
 
 def store_reschedules(request: Any) -> int:
@@ -213,12 +263,20 @@ def republish(
     spent), no RETRY state is written over the original's result, and a
     failed publish leaves this message unacked instead of dropping it. The
     copy keeps the message's custom headers, with *headers* over them.
+
+    The copy has no broker ``expires`` (a late copy would be revoked, see
+    :func:`expired_copy`): the message's own travels in ``dedup_expires``.
     """
+    carried = {**request.as_execution_options()["headers"], **(headers or {})}
+    if request.expires and not carried.get(EXPIRES_HEADER):
+        expires = request.expires
+        carried[EXPIRES_HEADER] = expires.isoformat() if hasattr(expires, "isoformat") else expires
     signature = task.signature_from_request(
         request,
         countdown=countdown,
         retries=request.retries or 0,
-        headers={**request.as_execution_options()["headers"], **(headers or {})},
+        expires=None,
+        headers=carried,
     )
     try:
         signature.apply_async()

@@ -7,6 +7,7 @@ the queue, so these tests see exactly what a worker would receive.
 from __future__ import annotations
 
 import datetime
+import logging
 import uuid
 
 import pytest
@@ -15,7 +16,7 @@ from celery.app.trace import build_tracer
 from django.test import override_settings
 
 from dedup_celery import DedupTask, signals
-from dedup_celery.delivery.outcomes import STORE_RESCHEDULES_HEADER
+from dedup_celery.delivery.outcomes import EXPIRES_HEADER, STORE_RESCHEDULES_HEADER
 from dedup_celery.exceptions import StorageError
 from dedup_celery.keys import digest
 from dedup_celery.models import DedupRecord
@@ -32,7 +33,15 @@ def reschedulable(self, value, *, flag=None):
 
 
 def run_as_worker(
-    task, task_id, args, kwargs, *, retries=0, queue="q-unit-reschedule", headers=None
+    task,
+    task_id,
+    args,
+    kwargs,
+    *,
+    retries=0,
+    queue="q-unit-reschedule",
+    headers=None,
+    expires=None,
 ):
     """Run *task* through Celery's tracer with a worker-like request (and custom *headers*)."""
     tracer = build_tracer(task.name, task, app=task.app, eager=False, propagate=False)
@@ -43,7 +52,7 @@ def run_as_worker(
         "delivery_info": {"exchange": "", "routing_key": queue, "priority": 0},
         "hostname": "unit@localhost",
         "is_eager": False,
-        "expires": None,
+        "expires": expires,
     }
     return tracer(task_id, list(args), kwargs, request)
 
@@ -255,3 +264,51 @@ def test_a_configuration_that_breaks_under_a_running_worker_reschedules(
 def tx_default_countdown(self, value):
     RUNS.append(self.request.id)
     return value
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rescheduled_copy_carries_its_messages_expires_in_a_header_not_the_broker(
+    celery_broker,
+):
+    task_id = str(uuid.uuid4())
+    hold(reschedulable, task_id, identity=ELSEWHERE)
+    expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=60)
+    trace = run_as_worker(reschedulable, task_id, [7], {}, expires=expires.isoformat())
+    assert trace.info.state == "IGNORED"
+    with app.connection_for_read() as connection:
+        headers = read_queue(connection, "q-unit-reschedule").headers
+    # A broker expires would have the worker revoke a late copy: REVOKED over the
+    # original's result, a chord part counted, the id in the revoked set.
+    assert headers["expires"] is None
+    assert datetime.datetime.fromisoformat(headers[EXPIRES_HEADER]) == expires
+    # A copy of that copy keeps the original deadline.
+    trace = run_as_worker(reschedulable, task_id, [7], {}, headers={EXPIRES_HEADER: "kept"})
+    with app.connection_for_read() as connection:
+        assert read_queue(connection, "q-unit-reschedule").headers[EXPIRES_HEADER] == "kept"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_copy_past_its_messages_expires_is_skipped_without_a_state_write(celery_broker, caplog):
+    task_id = str(uuid.uuid4())
+    hold(reschedulable, task_id, identity=ELSEWHERE)
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=1)
+    with (
+        captured(signals.duplicate_skipped) as seen,
+        caplog.at_level(logging.INFO, logger="dedup_celery.task"),
+    ):
+        trace = run_as_worker(
+            reschedulable, task_id, [7], {}, headers={EXPIRES_HEADER: past.isoformat()}
+        )
+    assert trace.info.state == "IGNORED"
+    assert RUNS == []
+    assert [event["reason"] for event in seen] == ["expired"]
+    assert "arrived after its message's expires" in caplog.text
+    # Not claimed, not counted as a reschedule: the store was never asked.
+    assert DedupRecord.objects.get(key_digest=digest(task_id)).rescheduled == 0
+    with app.connection_for_read() as connection:
+        simple = connection.SimpleQueue("q-unit-reschedule")
+        try:
+            with pytest.raises(simple.Empty):
+                simple.get(timeout=1)
+        finally:
+            simple.close()

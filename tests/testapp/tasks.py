@@ -325,3 +325,47 @@ def plain_deferred_conflict(self, tag, n):
 )
 def tx_deferred_conflict(self, tag, n):
     return _deferred_conflict(self, tag, n)
+
+
+def _chord_part(task, tag, n, sleep=0.0, resend_countdown=None):
+    """A chord header task; with *resend_countdown*, its first run publishes a copy of itself.
+
+    The copy is what a producer re-send or a dedup reschedule is: the same
+    message (id, chord, ``expires``), here ``resend_countdown`` seconds later.
+    """
+    request = task.request
+    _log_run("start", request, tag, n)
+    if resend_countdown is not None:
+        marker = os.path.join(os.environ["DEDUP_TEST_TMP"], f"{tag}-{n}.resent")
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            pass
+        else:
+            task.signature_from_request(request, countdown=resend_countdown).apply_async()
+    time.sleep(sleep)
+    _effect(request, tag, n)
+    return n
+
+
+@shared_task(bind=True, acks_late=True, reject_on_worker_lost=True)
+def plain_chord_part(self, tag, n, **options):
+    """The control: a chord header task without dedup (its result is stored)."""
+    return _chord_part(self, tag, n, **options)
+
+
+@shared_task(bind=True, base=DedupTask, dedup_retry_countdown=6)
+def status_chord_part(self, tag, n, **options):
+    return _chord_part(self, tag, n, **options)
+
+
+@shared_task(bind=True, base=DedupTask, dedup_transactional=True, dedup_retry_countdown=6)
+def tx_chord_part(self, tag, n, **options):
+    return _chord_part(self, tag, n, **options)
+
+
+@shared_task(bind=True, acks_late=True, reject_on_worker_lost=True)
+def chord_done(self, results, tag):
+    """A chord body: one effect (n 99) per run."""
+    _effect(self.request, tag, 99)
+    return results
