@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "HEARTBEAT_INTERVAL": None,
     "MAX_TAKEOVERS": 5,
     "MAX_STORE_RESCHEDULES": 720,
+    "PID_TAKEOVER": True,
 }
 
 # Keys whose value is a number of seconds that must be greater than zero.
@@ -57,6 +58,7 @@ class DedupSettings(Limits):
     backend: str
     options: dict[str, Any] = field(hash=False)
     database: str | None
+    pid_takeover: bool = True
 
 
 _cached: DedupSettings | None = None
@@ -131,6 +133,8 @@ def validate(raw: Any) -> list[checks.CheckMessage]:
     max_bytes = merged["RESULT_MAX_BYTES"]
     if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
         bad("RESULT_MAX_BYTES", "an integer number of bytes, 0 or more (0 stores no results)")
+    if not isinstance(merged["PID_TAKEOVER"], bool):
+        bad("PID_TAKEOVER", "True or False")
     database = merged["DATABASE"]
     if database is not None:
         if not isinstance(database, str):
@@ -175,6 +179,7 @@ def get_settings() -> DedupSettings:
             ),
             max_takeovers=int(merged["MAX_TAKEOVERS"]),
             max_store_reschedules=int(merged["MAX_STORE_RESCHEDULES"]),
+            pid_takeover=merged["PID_TAKEOVER"],
         )
     return _cached
 

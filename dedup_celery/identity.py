@@ -101,14 +101,27 @@ def current_identity() -> OwnerIdentity:
     return _cache[1]
 
 
+def pid_takeover() -> bool:
+    """True unless ``PID_TAKEOVER`` turned the judgements by process identity off."""
+    from dedup_celery.conf import get_settings
+
+    return get_settings().pid_takeover
+
+
 def owner_is_gone(record: HasIdentity) -> bool:
     """True only if the process that holds *record* provably no longer exists.
 
     Host names and pids prove nothing across machines or containers, so the
     record must carry this machine's boot id and this process's pid namespace.
-    Then the pid names the same process only if it still has the recorded start
-    time; no such pid, or another start time, means the owner is gone.
+    Then "gone" needs positive proof: a readable ``/proc/<pid>/stat`` with
+    another start time (the pid was reused), or ESRCH from ``kill(pid, 0)``.
+    An unreadable stat proves nothing: with ``/proc`` mounted ``hidepid=2``
+    (systemd's ``ProtectProc=invisible``) another user's live process reads
+    exactly like a dead one. EPERM means a process is there, and anything else
+    is unknown; both wait for the lease. Off with ``PID_TAKEOVER = False``.
     """
+    if not pid_takeover():
+        return False
     me = current_identity()
     if not record.boot_id or record.boot_id != me.boot_id:
         return False
@@ -118,7 +131,16 @@ def owner_is_gone(record: HasIdentity) -> bool:
         return False
     if record.pid == me.pid:
         return False  # that is this process: see earlier_attempt_is_over()
-    return process_start_ticks(record.pid) != record.process_start
+    started = process_start_ticks(record.pid)
+    if started is not None:
+        return started != record.process_start
+    try:
+        os.kill(record.pid, 0)
+    except ProcessLookupError:  # ESRCH: no process has this pid
+        return True
+    except OSError:  # EPERM: a process is there, of another user; else unknown
+        return False
+    return False  # a process is there, and its stat is not readable: unknown
 
 
 def is_this_process(record: HasIdentity) -> bool:
@@ -149,7 +171,7 @@ def earlier_attempt_is_over(record: HasIdentity) -> bool:
     gevent and eventlet pools run several tasks in one process, so there the
     answer is always False.
     """
-    if not is_this_process(record):
+    if not pid_takeover() or not is_this_process(record):
         return False
     if threading.current_thread() is not threading.main_thread() or _green_threads():
         return False

@@ -20,7 +20,12 @@ from billiard.exceptions import WorkerLostError
 from celery.worker.request import Request
 
 from dedup_celery.exceptions import DedupKeyError
-from dedup_celery.identity import OwnerIdentity, current_identity, process_start_ticks
+from dedup_celery.identity import (
+    OwnerIdentity,
+    current_identity,
+    pid_takeover,
+    process_start_ticks,
+)
 from dedup_celery.keys import digest, message_key, storable
 from dedup_celery.options import resolve
 
@@ -57,7 +62,7 @@ class DedupRequest(Request):
 
     def _expire_dead_child_lease(self) -> None:
         task = self.task
-        if not self.worker_pid:
+        if not self.worker_pid or not pid_takeover():
             return
         options = resolve(task)
         if options.transactional:

@@ -38,6 +38,8 @@ def ids(messages):
         ({"MAX_STORE_RESCHEDULES": 0}, ["dedup_celery.E003"]),
         ({"MAX_STORE_RESCHEDULES": True}, ["dedup_celery.E003"]),
         ({"MAX_STORE_RESCHEDULES": 10}, []),
+        ({"PID_TAKEOVER": "no"}, ["dedup_celery.E003"]),
+        ({"PID_TAKEOVER": False}, []),
         ({"HEARTBEAT_INTERVAL": 30, "MAX_TAKEOVERS": 3}, []),
         ({"BACKEND": ""}, ["dedup_celery.E003"]),
         ({"OPTIONS": []}, ["dedup_celery.E003"]),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -133,3 +135,86 @@ def test_an_earlier_attempt_in_this_process_is_over_only_with_no_body_running():
     thread.start()
     thread.join()
     assert seen == [False], "a thread pool must never use the shortcut"
+
+
+# Runs in a private mount namespace whose /proc is mounted hidepid=2, as root,
+# then drops to nobody: another user's processes are hidden from it, as under
+# systemd's ProtectProc=invisible.
+HIDDEN_PROC_JUDGE = r"""
+import json, os, sys, types
+import django
+django.setup()
+from dedup_celery.conf import get_settings
+from dedup_celery.identity import current_identity, owner_is_gone, process_start_ticks
+get_settings()
+me = current_identity()
+os.setgid(65534)
+os.setuid(65534)
+pid, start = int(sys.argv[1]), int(sys.argv[2])
+record = types.SimpleNamespace(hostname=me.hostname, pid=pid, process_start=start,
+                               boot_id=me.boot_id, pid_namespace=me.pid_namespace)
+try:
+    open(f"/proc/{pid}/stat").close()
+    stat = "readable"
+except OSError as exc:
+    stat = type(exc).__name__
+print(json.dumps({"stat": stat, "ticks": process_start_ticks(pid), "gone": owner_is_gone(record)}))
+"""
+
+
+def judge_with_hidden_proc(pid, start):
+    """Judge *pid* from a process that /proc hides it from (hidepid=2, as nobody)."""
+    mount_then_judge = 'mount -t proc -o hidepid=2 proc /proc && exec "$0" -c "$1" "$2" "$3"'
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount_then_judge,
+         sys.executable, HIDDEN_PROC_JUDGE, str(pid), str(start)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a private /proc; simulated below")
+def test_a_live_owner_hidden_by_hidepid_is_not_judged_gone():
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        start = process_start_ticks(owner.pid)
+        seen = judge_with_hidden_proc(owner.pid, start)
+        # The fault: the live owner's stat reads exactly as a dead pid's would.
+        assert (seen["stat"], seen["ticks"]) == ("FileNotFoundError", None)
+        assert seen["gone"] is False  # kill(pid, 0) said EPERM: a process is there
+    finally:
+        owner.kill()
+        owner.wait()
+    assert judge_with_hidden_proc(owner.pid, start)["gone"] is True  # ESRCH: gone
+
+
+def test_an_unreadable_stat_of_a_live_owner_is_not_proof_that_it_is_gone(monkeypatch):
+    # The same judgement where /proc cannot be remounted: the stat read fails as
+    # hidepid makes it fail (ENOENT, so no start time), and the pid still lives.
+    import dedup_celery.identity as identity
+
+    me = current_identity()
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        alive = OwnerIdentity(
+            me.hostname, owner.pid, process_start_ticks(owner.pid), me.boot_id, me.pid_namespace
+        )
+        monkeypatch.setattr(identity, "process_start_ticks", lambda pid: None)
+        assert owner_is_gone(record_of(alive)) is False
+    finally:
+        owner.kill()
+        owner.wait()
+    assert owner_is_gone(record_of(alive)) is True  # ESRCH, with no stat to read
+
+
+def test_pid_takeover_off_leaves_every_lease_to_run_out(settings):
+    me = current_identity()
+    owner = subprocess.Popen([sys.executable, "-c", "pass"])
+    owner.wait()
+    dead = OwnerIdentity(me.hostname, owner.pid, 1, me.boot_id, me.pid_namespace)
+    assert owner_is_gone(record_of(dead)) is True
+    assert earlier_attempt_is_over(record_of(me)) is True
+    settings.DEDUP_CELERY = {**settings.DEDUP_CELERY, "PID_TAKEOVER": False}
+    assert owner_is_gone(record_of(dead)) is False
+    assert earlier_attempt_is_over(record_of(me)) is False
