@@ -266,12 +266,14 @@ def purge(million: int, batch_size: int, pause: float) -> dict:
         cursor.execute(
             f"""INSERT INTO {table} (scope, key, key_digest, status, owner, task_id, task_name,
                 attempt, hostname, pid, process_start, boot_id, pid_namespace, created_at,
-                updated_at, expires_at, consumed_at, skipped, rescheduled, takeovers)
+                updated_at, expires_at, consumed_at, skipped, rescheduled, takeovers,
+                purge_after)
             SELECT 'bench.scope', 'order:' || i, encode(sha256(i::text::bytea), 'hex'),
                 'consumed', md5(i::text)::uuid, md5(i::text || 't')::uuid::text,
                 'benchmarks.benchapp.tasks.status_row', 0, 'bench-host', 4242, 123456,
                 'boot', 'pid:[1]', now() - interval '8 days', now() - interval '8 days',
-                now() - interval '1 day', now() - interval '8 days', 0, 0, 0
+                now() - interval '1 day', now() - interval '8 days', 0, 0, 0,
+                CASE WHEN i %% 2 = 0 THEN now() - interval '1 day' END
             FROM generate_series(1, %s) AS i""",
             [million],
         )

@@ -15,7 +15,13 @@ from django.db import IntegrityError, models, transaction
 from django.db.models import BooleanField, Case, F, PositiveIntegerField, Q, Value, When
 from django.db.models.functions import Now
 
-from dedup_celery.backends.base import Claim, ClaimOutcome, claimant_values, outcome_for
+from dedup_celery.backends.base import (
+    Claim,
+    ClaimOutcome,
+    claimant_values,
+    outcome_for,
+    retention,
+)
 from dedup_celery.clock import NowPlus
 from dedup_celery.exceptions import StorageError
 from dedup_celery.states import Status
@@ -43,6 +49,18 @@ class DedupRecordQuerySet(models.QuerySet):
         """Records whose ``expires_at`` has passed, by the database's clock."""
         return self.filter(expires_at__lt=Now())
 
+    def purgeable(self, record_ttl: float) -> DedupRecordQuerySet:
+        """Expired records a purge may delete: their ``purge_after`` passed too.
+
+        A PROCESSING record without ``purge_after`` (written before the column
+        existed) waits *record_ttl* past its lease, so its takeovers count is
+        not lost to a purge between a crash and the redelivery.
+        """
+        legacy = Q(purge_after__isnull=True) & (
+            ~Q(status=Status.PROCESSING) | Q(expires_at__lt=NowPlus(-record_ttl))
+        )
+        return self.expired().filter(Q(purge_after__lt=Now()) | legacy)
+
     def with_lease_expired(self) -> DedupRecordQuerySet:
         """Annotate ``lease_expired``: ``expires_at`` has passed, by the database's clock."""
         return self.annotate(
@@ -61,6 +79,7 @@ class DedupRecordQuerySet(models.QuerySet):
         fields.update(
             updated_at=Now(),
             expires_at=NowPlus(seconds),
+            purge_after=NowPlus(retention(seconds, claim.record_ttl)),
             consumed_at=Now() if transactional else None,
             heartbeat_at=None,
             result=None,

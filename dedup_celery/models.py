@@ -55,6 +55,13 @@ class DedupRecord(models.Model):
         _("payload digest"), max_length=64, null=True, blank=True
     )
 
+    purge_after = models.DateTimeField(
+        _("purge after"),
+        null=True,
+        blank=True,
+        help_text=_("A purge keeps the record until then, whatever its status."),
+    )
+
     objects = DedupRecordQuerySet.as_manager()
 
     class Meta:
@@ -67,6 +74,7 @@ class DedupRecord(models.Model):
         ]
         indexes = [
             models.Index(fields=["expires_at"], name="dedup_celery_expires_idx"),
+            models.Index(fields=["purge_after"], name="dedup_celery_purge_idx"),
         ]
         permissions = [
             ("release_deduprecord", _("Can release a processing message record")),

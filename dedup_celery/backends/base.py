@@ -96,6 +96,10 @@ class Record:
     last_duplicate_at: datetime.datetime | None
     result: Any
     payload_digest: str | None
+    #: Until when a purge keeps the record, whatever its status: a claim sets it to
+    #: its lease plus RECORD_TTL, so an unfinished message keeps its takeovers count.
+    #: None on records written before the column existed.
+    purge_after: datetime.datetime | None
     #: Judged by the store's clock when the record was read; not a column.
     lease_expired: bool | None = None
 
@@ -137,6 +141,15 @@ CLAIMANT_FIELDS: tuple[str, ...] = (
     "key", "status", "owner", "task_id", "task_name", "attempt",
     "hostname", "pid", "process_start", "boot_id", "pid_namespace",
 )  # fmt: skip
+
+
+def retention(lease_seconds: float, record_ttl: float) -> float:
+    """Seconds from a claim until a purge may delete its record: the lease, then RECORD_TTL.
+
+    A PROCESSING record whose lease ran out still holds the message's
+    takeovers count, which a later delivery needs to stop a poison message.
+    """
+    return float(lease_seconds) + float(record_ttl)
 
 
 def claimant_values(claim: Claim, status: str) -> dict[str, Any]:

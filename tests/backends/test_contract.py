@@ -45,6 +45,12 @@ def get(backend, key, scope=SCOPE):
     return backend.get(scope, digest(key))
 
 
+def keep_until_purged(backend, key, scope=SCOPE):
+    """On Redis, drop the key's own TTL, so only a purge can delete the record."""
+    if isinstance(backend, RedisBackend):
+        backend.client.persist(backend.redis_key(scope, digest(key)))
+
+
 def test_claim_on_no_record_creates_processing_with_a_lease_from_the_store_clock(backend):
     claim = make_claim(lease=60)
     before = store_now(backend)
@@ -160,10 +166,11 @@ def test_a_late_complete_after_the_lease_with_no_takeover_succeeds(backend):
 
 
 def test_a_late_complete_recreates_a_purged_record(backend):
-    claim = make_claim(lease=0.2)
+    claim = make_claim(lease=0.2, ttl=0.1)
     backend.claim(claim)
-    time.sleep(0.4)
-    assert backend.purge_expired() == 1
+    time.sleep(0.5)
+    # Purged (on Redis the key's own TTL, lease + RECORD_TTL, may be first).
+    assert backend.purge_expired() == (0 if isinstance(backend, RedisBackend) else 1)
     assert get(backend, "k-1") is None
     assert backend.complete(claim, {"value": 3}) is True
     stored = get(backend, "k-1")
@@ -212,15 +219,36 @@ def test_purge_deletes_only_expired_records(backend):
     backend.claim(done)
     backend.complete(done, None)
     for i in range(5):
-        backend.claim(make_claim(f"old-{i}", lease=0.2))
-    time.sleep(0.4)
+        backend.claim(make_claim(f"old-{i}", lease=0.2, ttl=0.1))
+        keep_until_purged(backend, f"old-{i}")
+    # Its lease ends too, but a later delivery still needs its takeovers count.
+    backend.claim(make_claim("unfinished", lease=0.2, ttl=3600))
+    time.sleep(0.5)
     assert backend.purge_expired(dry_run=True) == 5
     assert get(backend, "old-0") is not None
     assert backend.purge_expired(batch_size=2) == 5
     assert [get(backend, f"old-{i}") for i in range(5)] == [None] * 5
     assert get(backend, "live") is not None
     assert get(backend, "consumed-live") is not None
+    assert get(backend, "unfinished") is not None
     assert backend.purge_expired() == 0
+
+
+def test_a_purge_between_a_crash_and_the_redelivery_keeps_the_takeovers_count(backend):
+    # Each delivery dies holding the message (its lease runs out); an hourly
+    # purge lands in each gap. The count must still reach MAX_TAKEOVERS.
+    cap = 2
+    for attempt in range(cap + 1):
+        outcome = backend.claim(make_claim(lease=0.2, ttl=3600, cap=cap))
+        assert outcome.verdict is (Verdict.TAKEN_OVER if attempt else Verdict.CLAIMED)
+        assert outcome.record.takeovers == attempt
+        assert outcome.record.purge_after > outcome.record.expires_at
+        time.sleep(0.4)
+        assert backend.purge_expired() == 0
+        assert get(backend, "k-1").takeovers == attempt
+    outcome = backend.claim(make_claim(lease=0.2, ttl=3600, cap=cap))
+    assert outcome.verdict is Verdict.POISONED
+    assert get(backend, "k-1").status == Status.POISONED
 
 
 def test_claim_race_among_threads_has_exactly_one_winner(backend):

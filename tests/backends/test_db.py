@@ -156,3 +156,28 @@ def test_an_sqlite_without_returning_takes_the_portable_path(monkeypatch):
     assert [q["sql"] for q in queries if "RETURNING" in q["sql"].upper()] == []
     duplicate = backend.claim(make_claim("old-sqlite"))
     assert (duplicate.verdict, duplicate.record.result) == (Verdict.CONSUMED, {"value": 1})
+
+
+def test_records_written_before_purge_after_existed_are_purged_as_before_but_unfinished_kept(
+    backend, settings
+):
+    # A worker of the previous release writes no purge_after (NULL). A purge then
+    # deletes its expired records as before, except an unfinished (PROCESSING)
+    # one, which waits RECORD_TTL past its lease for the redelivery.
+    settings.DEDUP_CELERY = {**settings.DEDUP_CELERY, "RECORD_TTL": 1}
+    done, unfinished = (
+        make_claim("old-done", lease=0.2, ttl=0.1),
+        make_claim("old-unfinished", lease=0.2),
+    )
+    for claim in (done, unfinished):
+        backend.claim(claim)
+    backend.complete(done, None)
+    rows = DedupRecord.objects.using(backend.alias)
+    assert rows.filter(purge_after__isnull=True).count() == 0  # this release writes it
+    rows.update(purge_after=None)
+    time.sleep(0.5)
+    assert backend.purge_expired() == 1
+    assert list(rows.values_list("key", flat=True)) == ["old-unfinished"]
+    time.sleep(1.0)  # RECORD_TTL past its lease
+    assert backend.purge_expired() == 1
+    assert not rows.exists()

@@ -18,7 +18,8 @@ from tests.helpers import hold
 
 
 def make(key, lease):
-    hold("cmd", key, lease=lease)
+    """A PROCESSING record; a short one is due for purging soon after its lease."""
+    hold("cmd", key, lease=lease, ttl=60 if lease > 1 else 0.1)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -26,7 +27,7 @@ def test_dedup_purge_dry_run_then_purge_in_batches():
     make("live", 60)
     for i in range(3):
         make(f"old-{i}", 0.2)
-    time.sleep(0.4)
+    time.sleep(0.5)
     out = io.StringIO()
     call_command("dedup_purge", "--dry-run", stdout=out)
     assert out.getvalue().startswith("3 expired record(s) would be deleted")
@@ -48,7 +49,7 @@ def test_dedup_purge_rejects_a_bad_batch_size_or_pause():
 @pytest.mark.django_db(transaction=True)
 def test_the_purge_task_for_beat():
     make("old", 0.2)
-    time.sleep(0.4)
+    time.sleep(0.5)
     assert purge_expired() == 1
     assert not DedupRecord.objects.exists()
 

@@ -8,6 +8,8 @@ fault doing damage, or the dedup tasks' numbers prove nothing.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 
 import pytest
@@ -282,17 +284,52 @@ def test_a_body_longer_than_its_lease_keeps_its_claim_with_a_heartbeat(
         )
 
 
-def test_a_poison_message_stops_at_max_takeovers(start_worker, report_scenario):
-    """Fault 8: a body that always kills its process stops after MAX_TAKEOVERS."""
-    worker = start_worker("poison", concurrency=2, dedup={"MAX_TAKEOVERS": 2})
+@pytest.fixture(scope="module")
+def poison_worker(start_worker):
+    return start_worker("poison", concurrency=2, dedup={"MAX_TAKEOVERS": 2})
+
+
+@contextlib.contextmanager
+def purging():
+    """Purge the message table over and over, as a beat task would, while the block runs."""
+    from dedup_celery.backends.db import DatabaseBackend
+
+    stop = threading.Event()
+
+    def purge():
+        backend = DatabaseBackend()
+        try:
+            while not stop.wait(0.05):
+                backend.purge_expired()
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=purge, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+@pytest.mark.parametrize("purge", [False, True], ids=["", "purged-between"])
+def test_a_poison_message_stops_at_max_takeovers(poison_worker, purge, report_scenario):
+    """Fault 8: a body that always kills its process stops after MAX_TAKEOVERS.
+
+    With a purge running between the crashes, the count survives too: the
+    record of an unfinished message is kept RECORD_TTL past its lease.
+    """
+    worker = poison_worker
     tag, task_id = f"poison-{new_id()[:8]}", new_id()
-    publish(status_effect, worker, task_id, tag=tag, n=1, kill="always")
 
     def poisoned():
         found = record(status_effect, task_id)
         return found is not None and found.status == Status.POISONED
 
-    wait_until(poisoned, timeout=60, what="the record to be poisoned")
+    with purging() if purge else contextlib.nullcontext():
+        publish(status_effect, worker, task_id, tag=tag, n=1, kill="always")
+        wait_until(poisoned, timeout=60, what="the record to be poisoned")
     wait_until(lambda: "PoisonMessageError" in worker.log_text(), what="the failure")
     settle(4)
     assert len(starts(tag)) == 3  # the first run and two takeovers, then no more
@@ -303,8 +340,9 @@ def test_a_poison_message_stops_at_max_takeovers(start_worker, report_scenario):
     wait_until(
         lambda: len(starts(control_tag)) >= 6, timeout=60, what="the control to keep crashing"
     )
+    scenario = "poison, purged between" if purge else "poison"
     report_scenario(
-        "poison", "status", tag, messages=1, records=[record(status_effect, task_id)],
+        scenario, "status", tag, messages=1, records=[record(status_effect, task_id)],
         effect_expected=False,
     )  # fmt: skip
-    report_scenario("poison", "plain", control_tag, messages=1, effect_expected=False)
+    report_scenario(scenario, "plain", control_tag, messages=1, effect_expected=False)

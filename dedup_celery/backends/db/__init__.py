@@ -26,12 +26,14 @@ from dedup_celery.backends.base import (
     Verdict,
     claimant_values,
     outcome_for,
+    retention,
 )
 from dedup_celery.backends.db import sql
 from dedup_celery.backends.db.connection import execute, storage_errors
 from dedup_celery.backends.db.rows import owner_param, record_from_row
 from dedup_celery.backends.db.transactional import transactional_block
 from dedup_celery.clock import SUPPORTED_VENDORS, NowPlus, now_plus_sql
+from dedup_celery.conf import get_settings
 from dedup_celery.exceptions import DedupConfigurationError
 from dedup_celery.models import DedupRecord
 from dedup_celery.states import Status
@@ -130,6 +132,7 @@ class DatabaseBackend(TransactionalBackend):
         values["owner"] = owner_param(claim.owner, connection)
         seconds = claim.record_ttl if transactional else claim.lease_seconds
         params = sql.param_list(values) + now_plus_sql(connection.vendor, seconds)[1]
+        params += now_plus_sql(connection.vendor, retention(seconds, claim.record_ttl))[1]
         if connection.vendor == "postgresql" and transactional:
             params.append(sql.advisory_lock_key(claim.scope, claim.key_digest))
         row, names = execute(connection, text, params, fetch=True, prepare=self.prepare_statements)
@@ -276,19 +279,26 @@ class DatabaseBackend(TransactionalBackend):
     def purge_expired(
         self, *, batch_size: int = 1000, dry_run: bool = False, pause: float = 0.0
     ) -> int:
-        """Delete expired records in batches of *batch_size*, each in its own short statement.
+        """Delete due records in batches of *batch_size*, each in its own short statement.
+
+        Due: ``expires_at`` and ``purge_after`` passed. A PROCESSING record
+        written before ``purge_after`` existed is kept until RECORD_TTL past
+        its lease instead.
 
         *pause* seconds between batches lets the WAL of a large purge drain, so
         the commits of claims running meanwhile are not held up behind it.
         """
         records = self._records()
+        ttl = get_settings().record_ttl
         if dry_run:
-            return records.expired().count()
+            return records.purgeable(ttl).count()
         connection = connections[self.alias]
         total = 0
         while True:
             ids = list(
-                records.expired().order_by("expires_at").values_list("pk", flat=True)[:batch_size]
+                records.purgeable(ttl)
+                .order_by("expires_at")
+                .values_list("pk", flat=True)[:batch_size]
             )
             if not ids:
                 return total

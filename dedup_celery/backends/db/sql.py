@@ -13,7 +13,12 @@ import hashlib
 from collections.abc import Callable
 from typing import Any
 
-from dedup_celery.backends.base import CLAIMANT_FIELDS, COUNTERS, RECORD_FIELDS, REPLACED_BY_CLAIMS
+from dedup_celery.backends.base import (
+    CLAIMANT_FIELDS,
+    COUNTERS,
+    RECORD_FIELDS,
+    REPLACED_BY_CLAIMS,
+)
 from dedup_celery.clock import now_plus_literal, now_plus_sql, now_sql
 from dedup_celery.states import Status
 
@@ -48,8 +53,9 @@ def claim_sql(
     """Return the one-statement claim: insert, or decide on the existing row, and return it.
 
     Parameters: :data:`CLAIM_PARAMETERS`, then the lease (or RECORD_TTL in
-    transactional mode) in seconds, then (PostgreSQL, transactional) the
-    advisory lock key.
+    transactional mode) in seconds, then the retention
+    (:func:`~dedup_celery.backends.base.retention`),
+    then (PostgreSQL, transactional) the advisory lock key.
     """
 
     def old(column: str) -> str:
@@ -98,6 +104,7 @@ def claim_sql(
         "created_at": now,
         "updated_at": now,
         "expires_at": expires,
+        "purge_after": expires,
         "consumed_at": now if transactional else "NULL",
         **dict.fromkeys(COUNTERS, "0"),
     }
@@ -197,10 +204,17 @@ def release_sql(vendor: str, qn: Callable[[str], str], table: str, *, expired_on
 
 
 def purge_sql(vendor: str, qn: Callable[[str], str], table: str, count: int) -> str:
-    """Return the delete of *count* ids that re-checks their expiry in the statement itself."""
+    """Return the delete of *count* ids that re-checks, in the statement, that each is due.
+
+    Due means ``expires_at`` passed, and ``purge_after`` too where it is set;
+    the query that picked the ids also spared the PROCESSING records without
+    ``purge_after`` (:meth:`~dedup_celery.managers.DedupRecordQuerySet.purgeable`).
+    """
+    now = now_sql(vendor)
     return (
         f"DELETE FROM {table} WHERE {qn('id')} IN ({', '.join(['%s'] * count)}) "
-        f"AND {qn('expires_at')} < {now_sql(vendor)}"
+        f"AND {qn('expires_at')} < {now} "
+        f"AND ({qn('purge_after')} IS NULL OR {qn('purge_after')} < {now})"
     )
 
 

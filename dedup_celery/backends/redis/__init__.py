@@ -286,11 +286,13 @@ class RedisBackend(BaseBackend):
     def purge_expired(
         self, *, batch_size: int = 1000, dry_run: bool = False, pause: float = 0.0
     ) -> int:
-        """Delete expired PROCESSING records that still wait for their key to expire.
+        """Delete the due records that still wait for their key to expire.
 
-        CONSUMED records expire by themselves through their Redis TTL; this
-        sweeps the prefix with SCAN and deletes, in one script per batch, the
-        records whose ``expires_at`` has passed.
+        Records expire by themselves through their Redis TTL; this sweeps the
+        prefix with SCAN and deletes, in one script per batch, those whose
+        ``expires_at`` and ``purge_after`` have passed. A PROCESSING record whose
+        lease ran out is kept (its key lives RECORD_TTL past the lease), so a
+        purge never resets the takeovers count that stops a poison message.
         """
         total = 0
         batch: list[str] = []

@@ -16,7 +16,8 @@ end
 local changed = '0'
 local function own(takeovers)
   redis.call('HSET', key, unpack(ARGV, 7))
-  redis.call('HSET', key, 'updated_at', now, 'expires_at', now + lease, 'takeovers', takeovers)
+  redis.call('HSET', key, 'updated_at', now, 'expires_at', now + lease, 'takeovers', takeovers,
+    'purge_after', now + lease + ttl)
   redis.call('HDEL', key, 'consumed_at', 'heartbeat_at', 'result')
   redis.call('PEXPIRE', key, lease + ttl)
 end
