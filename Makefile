@@ -2,12 +2,15 @@
 #   make demo   the example project on embedded defaults (SQLite, a file-based broker)
 #   make test   the whole test suite, on throwaway PostgreSQL and Redis servers
 # Both create .venv and install what they need; 'make test' also installs
-# Debian's redis-server, chromium and chromium-driver when they are missing.
+# Debian's redis-server, mariadb-server (with libmariadb-dev, for the driver),
+# chromium and chromium-driver when they are missing, then mysqlclient.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# mysqlclient has no Linux wheel: it builds once the Debian packages are there.
+MYSQL_STAMP := $(VENV)/.mysqlclient-stamp
 
 .PHONY: test demo soak lint tox constraints packages clean bench
 
@@ -20,14 +23,19 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 packages:
 	@sh .ci/install-packages
 
-test: $(STAMP) packages
+$(MYSQL_STAMP): $(STAMP) constraints.txt | packages
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
+		-c constraints.txt mysqlclient
+	touch $(MYSQL_STAMP)
+
+test: $(STAMP) packages $(MYSQL_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python example_project/demo/run.py
 
 # The load test with 50 000 messages instead of 5 000 (not run by CI).
-soak: $(STAMP) packages
+soak: $(STAMP) packages $(MYSQL_STAMP)
 	DEDUP_LOAD_MESSAGES=50000 $(BIN)/python -m pytest tests/worker/test_load.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -37,7 +45,7 @@ lint: $(STAMP)
 # The Django/Python/Celery matrix of tox.ini. pyenv's interpreters are callable
 # only once pyenv selects them; put each installed version's own bin folder on
 # PATH for this run instead, so tox finds python3.10 ... python3.13 as they are.
-tox: $(STAMP) packages
+tox: $(STAMP) packages $(MYSQL_STAMP)
 	PATH="$$(for v in $$(pyenv versions --bare 2>/dev/null | sort -rV); do \
 		printf '%s:' "$$(pyenv root)/versions/$$v/bin"; done)$$PATH" $(BIN)/tox $(TOX_ARGS)
 

@@ -1,8 +1,10 @@
 """The store's clock in SQL: "now" and "now + seconds" for each supported database.
 
 Every time in the message table is computed by the database, never by a
-worker: ``STATEMENT_TIMESTAMP()`` on PostgreSQL, ``STRFTIME(…, 'NOW')`` on
-SQLite, ``CURRENT_TIMESTAMP(6)`` on MySQL and MariaDB. The text has ``%``
+worker, and is UTC: ``STATEMENT_TIMESTAMP()`` on PostgreSQL, ``STRFTIME(…,
+'NOW')`` on SQLite, ``UTC_TIMESTAMP(6)`` on MySQL and MariaDB. (MySQL's
+``CURRENT_TIMESTAMP`` and ``NOW()``, which Django's ``Now()`` compiles to, follow
+the session's time zone, which Django does not set.) The text has ``%``
 escaped, for statements that also take parameters.
 """
 
@@ -17,7 +19,7 @@ from dedup_celery.exceptions import StorageError
 NOW_SQL = {
     "postgresql": "STATEMENT_TIMESTAMP()",
     "sqlite": "STRFTIME('%%Y-%%m-%%d %%H:%%M:%%f', 'NOW')",
-    "mysql": "CURRENT_TIMESTAMP(6)",
+    "mysql": "UTC_TIMESTAMP(6)",
 }
 #: The database vendors (Django's ``connection.vendor``) the database backend supports.
 SUPPORTED_VENDORS: tuple[str, ...] = tuple(NOW_SQL)
@@ -54,7 +56,7 @@ def now_plus_literal(vendor: str, seconds: float) -> str:
     if vendor == "sqlite":
         return f"STRFTIME('%%Y-%%m-%%d %%H:%%M:%%f', 'NOW', '{seconds:+.6f} seconds')"
     if vendor == "mysql":
-        return f"(CURRENT_TIMESTAMP(6) + INTERVAL {round(seconds * 1_000_000)} MICROSECOND)"
+        return f"(UTC_TIMESTAMP(6) + INTERVAL {round(seconds * 1_000_000)} MICROSECOND)"
     raise unsupported(vendor)
 
 
@@ -65,8 +67,18 @@ def now_plus_sql(vendor: str, seconds: float) -> tuple[str, list[Any]]:
     if vendor == "sqlite":
         return "STRFTIME('%%Y-%%m-%%d %%H:%%M:%%f', 'NOW', %s)", [f"{float(seconds):+.6f} seconds"]
     if vendor == "mysql":
-        return "(CURRENT_TIMESTAMP(6) + INTERVAL %s MICROSECOND)", [round(seconds * 1_000_000)]
+        return "(UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND)", [round(seconds * 1_000_000)]
     raise unsupported(vendor)
+
+
+class StoreNow(Func):
+    """The store's "now" (:func:`now_sql`) as an ORM expression; use it instead of ``Now()``."""
+
+    output_field = DateTimeField()
+
+    def as_sql(self, compiler: Any, connection: Any, **extra_context: Any) -> tuple[str, list]:
+        """Compile to the vendor's UTC clock."""
+        return now_sql(connection.vendor), []
 
 
 class NowPlus(Func):

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 from django.db import IntegrityError, models, transaction
 from django.db.models import BooleanField, Case, F, PositiveIntegerField, Q, Value, When
-from django.db.models.functions import Now
 
 from dedup_celery.backends.base import (
     Claim,
@@ -22,7 +21,7 @@ from dedup_celery.backends.base import (
     outcome_for,
     retention,
 )
-from dedup_celery.clock import NowPlus
+from dedup_celery.clock import NowPlus, StoreNow
 from dedup_celery.exceptions import StorageError
 from dedup_celery.states import Status
 
@@ -47,7 +46,7 @@ class DedupRecordQuerySet(models.QuerySet):
 
     def expired(self) -> DedupRecordQuerySet:
         """Records whose ``expires_at`` has passed, by the database's clock."""
-        return self.filter(expires_at__lt=Now())
+        return self.filter(expires_at__lt=StoreNow())
 
     def purgeable(self, record_ttl: float) -> DedupRecordQuerySet:
         """Expired records a purge may delete: their ``purge_after`` passed too.
@@ -59,13 +58,13 @@ class DedupRecordQuerySet(models.QuerySet):
         legacy = Q(purge_after__isnull=True) & (
             ~Q(status=Status.PROCESSING) | Q(expires_at__lt=NowPlus(-record_ttl))
         )
-        return self.expired().filter(Q(purge_after__lt=Now()) | legacy)
+        return self.expired().filter(Q(purge_after__lt=StoreNow()) | legacy)
 
     def with_lease_expired(self) -> DedupRecordQuerySet:
         """Annotate ``lease_expired``: ``expires_at`` has passed, by the database's clock."""
         return self.annotate(
             lease_expired=Case(
-                When(expires_at__lt=Now(), then=Value(True)),
+                When(expires_at__lt=StoreNow(), then=Value(True)),
                 default=Value(False),
                 output_field=BooleanField(),
             )
@@ -77,10 +76,10 @@ class DedupRecordQuerySet(models.QuerySet):
         fields["owner"] = uuid.UUID(claim.owner)
         seconds = claim.record_ttl if transactional else claim.lease_seconds
         fields.update(
-            updated_at=Now(),
+            updated_at=StoreNow(),
             expires_at=NowPlus(seconds),
             purge_after=NowPlus(retention(seconds, claim.record_ttl)),
-            consumed_at=Now() if transactional else None,
+            consumed_at=StoreNow() if transactional else None,
             heartbeat_at=None,
             result=None,
             payload_digest=None,
@@ -93,7 +92,7 @@ class DedupRecordQuerySet(models.QuerySet):
         key = {"scope": claim.scope, "key_digest": claim.key_digest}
         record = self.for_key(claim.scope, claim.key_digest)
         not_mine = ~Q(owner=uuid.UUID(claim.owner))
-        expired = Q(expires_at__lt=Now())
+        expired = Q(expires_at__lt=StoreNow())
         processing = Q(status=Status.PROCESSING)
         stale = (
             Q(status=Status.FAILED)
@@ -103,7 +102,7 @@ class DedupRecordQuerySet(models.QuerySet):
         for _ in range(3):
             try:
                 with transaction.atomic(using=self.db):
-                    self.create(**key, created_at=Now(), **fields)
+                    self.create(**key, created_at=StoreNow(), **fields)
             except IntegrityError:
                 pass
             else:
@@ -125,7 +124,7 @@ class DedupRecordQuerySet(models.QuerySet):
                     ).update(
                         status=Status.POISONED,
                         expires_at=NowPlus(claim.record_ttl),
-                        updated_at=Now(),
+                        updated_at=StoreNow(),
                     )
                 )
             if not claimed and not poisoned_now:
@@ -140,7 +139,7 @@ class DedupRecordQuerySet(models.QuerySet):
                         default=F("rescheduled"),
                         output_field=PositiveIntegerField(),
                     ),
-                    last_duplicate_at=Now(),
+                    last_duplicate_at=StoreNow(),
                 )
             found = self.fetch(claim.scope, claim.key_digest)
             if found is not None:

@@ -185,3 +185,105 @@ class RedisServer:
         """Stop the server and remove its folder."""
         self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+class MariaDBServer:
+    """One MariaDB server on 127.0.0.1, in a temporary folder, for one test session.
+
+    Like PostgreSQL, mariadbd will not run as root without being told to, so as
+    root it runs as the ``mysql`` system account on a folder that account owns.
+    Authentication is off (``--skip-grant-tables``): the server is throwaway and
+    listens on loopback only. Its own clock runs in UTC (``--default-time-zone``),
+    so anything that follows the session time zone shows up only where a test
+    sets another one.
+    """
+
+    def __init__(self) -> None:
+        """Create the folder and pick a port."""
+        self.base = Path(tempfile.mkdtemp(prefix="dedup-celery-mariadb-"))
+        self.data = self.base / "data"
+        self.socket = self.base / "mariadb.sock"
+        self.log = self.base / "server.log"
+        self.port = free_port()
+        self.as_root = os.geteuid() == 0
+        self.process: subprocess.Popen | None = None
+        if self.as_root:
+            account = pwd.getpwnam("mysql")
+            os.chown(self.base, account.pw_uid, account.pw_gid)
+
+    def _command(self, *args: str) -> list[str]:
+        return ["runuser", "-u", "mysql", "--", *args] if self.as_root else list(args)
+
+    def init(self) -> None:
+        """Create the data folder (mariadb-install-db)."""
+        installer = shutil.which("mariadb-install-db") or "/usr/bin/mariadb-install-db"
+        if not os.path.exists(installer) or not os.path.exists("/usr/sbin/mariadbd"):
+            raise RuntimeError(
+                "MariaDB (mariadb-install-db, /usr/sbin/mariadbd) is not installed; "
+                "'make test' installs Debian's mariadb-server (.ci/install-packages)."
+            )
+        subprocess.run(
+            self._command(
+                installer,
+                "--no-defaults",
+                f"--datadir={self.data}",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+            ),
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    def start(self, timeout: float = 60) -> None:
+        """Start mariadbd on its port and socket, and wait until it answers."""
+        self._log = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            self._command(
+                "/usr/sbin/mariadbd",
+                "--no-defaults",
+                f"--datadir={self.data}",
+                f"--socket={self.socket}",
+                f"--port={self.port}",
+                "--bind-address=127.0.0.1",
+                f"--pid-file={self.base / 'mariadb.pid'}",
+                "--skip-grant-tables",
+                "--skip-name-resolve",
+                "--default-time-zone=+00:00",
+                "--character-set-server=utf8mb4",
+                "--collation-server=utf8mb4_unicode_ci",
+                "--innodb-buffer-pool-size=128M",
+                "--innodb-flush-log-at-trx-commit=2",
+                "--max-connections=300",
+                "--log-error=" + str(self.log),
+            ),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+        def accepting() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"mariadbd exited at start:\n{self.log.read_text()[-3000:]}")
+            with socket.socket() as sock:
+                sock.settimeout(0.5)
+                return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_for(accepting, timeout, interval=0.2, what="MariaDB to accept connections")
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL)."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+        self._log.close()
+        self.process = None
+
+    def destroy(self) -> None:
+        """Stop the server and remove its folder."""
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)

@@ -9,7 +9,7 @@ import pytest
 from pytest_redis import factories
 
 from tests.celery_app import app as celery_app
-from tests.services import PostgresServer
+from tests.services import MariaDBServer, PostgresServer
 
 redis_server = factories.redis_proc(port=None, db_count=16)
 
@@ -25,11 +25,22 @@ def postgres_server():
 
 
 @pytest.fixture(scope="session")
-def django_db_modify_db_settings(postgres_server):
-    """Point the ``default`` alias at the session's PostgreSQL server before setup."""
+def mariadb_server():
+    server = MariaDBServer()
+    server.init()
+    server.start()
+    os.environ["DEDUP_TEST_MYSQL_PORT"] = str(server.port)
+    yield server
+    server.destroy()
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(postgres_server, mariadb_server):
+    """Point the ``default`` and ``mysql`` aliases at the session's servers before setup."""
     from django.db import connections
 
     connections["default"].settings_dict["PORT"] = str(postgres_server.port)
+    connections["mysql"].settings_dict["PORT"] = str(mariadb_server.port)
 
 
 @pytest.fixture

@@ -14,9 +14,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness.servers import REPO, PostgresServer, RedisServer, free_port, wait_for
+from harness.servers import REPO, MariaDBServer, PostgresServer, RedisServer, free_port, wait_for
 
-__all__ = ["REPO", "PostgresServer", "RedisServer", "Worker", "free_port", "wait_for"]
+__all__ = [
+    "REPO",
+    "MariaDBServer",
+    "PostgresServer",
+    "RedisServer",
+    "Worker",
+    "free_port",
+    "wait_for",
+]
 
 
 class Worker:

@@ -69,6 +69,21 @@ DATABASES = {
         "OPTIONS": {"timeout": 5},
         "TEST": {"NAME": os.path.join(TMP_DIR, "test_dedup.sqlite3")},
     },
+    # The session's throwaway MariaDB (tests/conftest.py sets the port).
+    "mysql": {
+        "ENGINE": "django.db.backends.mysql",
+        "HOST": "127.0.0.1",
+        "PORT": os.environ.get("DEDUP_TEST_MYSQL_PORT", "3306"),
+        "NAME": os.environ.get("DEDUP_TEST_MYSQL_NAME", "dedup_celery"),
+        "USER": "root",
+        "PASSWORD": "",
+        "OPTIONS": {"charset": "utf8mb4"},
+        "TEST": {
+            "NAME": "test_dedup_celery",
+            "CHARSET": "utf8mb4",
+            "COLLATION": "utf8mb4_unicode_ci",
+        },
+    },
 }
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 

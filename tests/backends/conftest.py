@@ -10,12 +10,14 @@ from dedup_celery.backends.db import DatabaseBackend
 from dedup_celery.backends.redis import RedisBackend
 
 #: The database backend on PostgreSQL and SQLite, each with its one-statement
-#: upsert and with the portable insert-then-update path that MySQL uses.
+#: upsert and with the portable insert-then-update path, and on MariaDB, which
+#: always takes the portable path.
 DB_VARIANTS = {
     "db-postgresql": ("default", False),
     "db-sqlite": ("sqlite", False),
     "db-portable-postgresql": ("default", True),
     "db-portable-sqlite": ("sqlite", True),
+    "db-mariadb": ("mysql", False),
 }
 
 

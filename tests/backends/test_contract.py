@@ -23,7 +23,7 @@ from dedup_celery.identity import current_identity
 from dedup_celery.keys import digest, storable
 from tests.helpers import make_claim
 
-pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "sqlite"])
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "sqlite", "mysql"])
 
 SCOPE = "scope-a"
 

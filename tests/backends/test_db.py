@@ -23,7 +23,7 @@ from dedup_celery.keys import digest
 from dedup_celery.models import DedupRecord
 from tests.helpers import make_claim
 
-pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "sqlite"])
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "sqlite", "mysql"])
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def test_transactional_claim_refuses_an_outer_transaction_and_reports_a_broken_o
 
 
 def test_transactional_claim_meets_an_uncommitted_copy(backend):
-    """PostgreSQL answers IN_FLIGHT at once; SQLite fails on its writer lock; MySQL-style waits."""
+    """PostgreSQL answers IN_FLIGHT at once; SQLite fails on its writer lock; MariaDB waits."""
     holding = threading.Event()
     finish = threading.Event()
 
@@ -113,7 +113,7 @@ def test_transactional_claim_meets_an_uncommitted_copy(backend):
             assert txn.outcome.verdict is Verdict.IN_FLIGHT
             assert txn.outcome.record is None
             assert time.monotonic() - started < 1
-        elif backend.variant == "db-portable-postgresql":
+        elif backend.variant in ("db-portable-postgresql", "db-mariadb"):
             timer = threading.Timer(1.0, finish.set)
             timer.start()
             with backend.transactional_claim(make_claim("in-flight")) as txn:
@@ -181,3 +181,26 @@ def test_records_written_before_purge_after_existed_are_purged_as_before_but_unf
     time.sleep(1.0)  # RECORD_TTL past its lease
     assert backend.purge_expired() == 1
     assert not rows.exists()
+
+
+def test_mariadb_sessions_in_other_time_zones_judge_a_lease_alike(extra_database):
+    # Django sets no session time zone on MySQL; CURRENT_TIMESTAMP follows it.
+    # Two workers whose sessions are ten hours apart must still agree that a
+    # fresh 600 s lease is live, and every stored time must be UTC.
+    import datetime
+
+    def at_offset(name, offset):
+        options = {"charset": "utf8mb4", "init_command": f"SET time_zone = '{offset}'"}
+        return DatabaseBackend(database=extra_database(name, base="mysql", OPTIONS=options))
+
+    west, east = at_offset("mysql_west", "-05:00"), at_offset("mysql_east", "+05:00")
+    for first, second in ((west, east), (east, west)):
+        key = f"tz-{uuid.uuid4().hex[:8]}"
+        before = datetime.datetime.now(datetime.timezone.utc)
+        claimed = first.claim(make_claim(key, lease=600))
+        assert claimed.verdict is Verdict.CLAIMED
+        lease = (claimed.record.expires_at - before).total_seconds()
+        assert 595 <= lease <= 605, f"the lease ends {lease:.0f} s from now, not 600 s"
+        assert second.claim(make_claim(key, lease=600)).verdict is Verdict.IN_FLIGHT
+        later = second.get("scope-a", digest(key))
+        assert (later.takeovers, later.lease_expired) == (0, False)

@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 
 from django.core import checks
 from django.db import IntegrityError, connections, router, transaction
-from django.db.models.functions import Now
 
 from dedup_celery.backends.base import (
     Claim,
@@ -32,7 +31,7 @@ from dedup_celery.backends.db import sql
 from dedup_celery.backends.db.connection import execute, storage_errors
 from dedup_celery.backends.db.rows import owner_param, record_from_row
 from dedup_celery.backends.db.transactional import transactional_block
-from dedup_celery.clock import SUPPORTED_VENDORS, NowPlus, now_plus_sql
+from dedup_celery.clock import SUPPORTED_VENDORS, NowPlus, StoreNow, now_plus_sql
 from dedup_celery.conf import get_settings
 from dedup_celery.exceptions import DedupConfigurationError
 from dedup_celery.models import DedupRecord
@@ -178,8 +177,8 @@ class DatabaseBackend(TransactionalBackend):
             updated = records.held_by(claim.scope, claim.key_digest, claim.owner).update(
                 status=Status.CONSUMED,
                 expires_at=NowPlus(claim.record_ttl),
-                consumed_at=Now(),
-                updated_at=Now(),
+                consumed_at=StoreNow(),
+                updated_at=StoreNow(),
                 result=result,
             )
         else:
@@ -206,7 +205,7 @@ class DatabaseBackend(TransactionalBackend):
         try:
             with transaction.atomic(using=self.alias):
                 records.create(
-                    scope=claim.scope, key_digest=claim.key_digest, created_at=Now(), **fields
+                    scope=claim.scope, key_digest=claim.key_digest, created_at=StoreNow(), **fields
                 )
         except IntegrityError:
             return False
@@ -227,7 +226,9 @@ class DatabaseBackend(TransactionalBackend):
         return bool(
             self._records()
             .owned(claim.scope, claim.key_digest, claim.owner)
-            .update(status=Status.FAILED, expires_at=NowPlus(claim.record_ttl), updated_at=Now())
+            .update(
+                status=Status.FAILED, expires_at=NowPlus(claim.record_ttl), updated_at=StoreNow()
+            )
         )
 
     @storage_errors
@@ -236,7 +237,7 @@ class DatabaseBackend(TransactionalBackend):
         return bool(
             self._records()
             .owned(claim.scope, claim.key_digest, claim.owner)
-            .update(expires_at=NowPlus(claim.lease_seconds), heartbeat_at=Now())
+            .update(expires_at=NowPlus(claim.lease_seconds), heartbeat_at=StoreNow())
         )
 
     @storage_errors
