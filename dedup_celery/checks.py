@@ -292,7 +292,8 @@ def refuse_to_start_on_errors(**kwargs: Any) -> None:
     pool and consumer. A worker that started anyway would fail (and ack) or
     reschedule every message of its DedupTasks, so it exits with the messages
     instead. ``SystemExit`` is the one exception Celery's signal dispatch does
-    not swallow. Warnings do not stop it; :func:`log_check_messages` logs them.
+    not swallow. Warnings do not stop it, nor do checks listed in
+    ``SILENCED_SYSTEM_CHECKS``; :func:`log_check_messages` logs the warnings.
     """
     from django.core.checks import run_checks
 
@@ -301,7 +302,7 @@ def refuse_to_start_on_errors(**kwargs: Any) -> None:
     except Exception:
         logger.exception("dedup_celery: the system checks could not run")
         return
-    errors = [message for message in messages if message.is_serious()]
+    errors = [m for m in messages if m.is_serious() and not m.is_silenced()]
     if errors:
         lines = "\n".join(f"  {message}" for message in errors)
         raise SystemExit(
@@ -322,7 +323,7 @@ def log_check_messages(**kwargs: Any) -> None:
     from django.core.checks import run_checks
 
     try:
-        messages = run_checks(tags=[TAG])
+        messages = [m for m in run_checks(tags=[TAG]) if not m.is_silenced()]
     except Exception:
         logger.exception("dedup_celery: the system checks could not run")
         return

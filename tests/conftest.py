@@ -118,6 +118,7 @@ def start_worker(django_db_setup, celery_broker, redis_url, postgres_server):
             "DEDUP_TEST_RESULT_BACKEND": result_backend,
             "DEDUP_TEST_PG_PORT": str(postgres_server.port),
             "DEDUP_TEST_PG_NAME": connections["default"].settings_dict["NAME"],
+            "DEDUP_TEST_MYSQL_NAME": connections["mysql"].settings_dict["NAME"],
             "DEDUP_TEST_VISIBILITY_TIMEOUT": str(visibility_timeout or ""),
         }
         worker = Worker(name, queue=queue or f"q-{name}", env=env, concurrency=concurrency)
@@ -138,6 +139,7 @@ def stores(redis_url):
     url = f"{redis_url}/7"
     return {
         "db": DatabaseBackend(),
+        "mariadb": DatabaseBackend(database="mysql"),
         "redis": RedisBackend(url=url, key_prefix="scenario:"),
         "redis_url": url,
     }
@@ -163,14 +165,12 @@ def report_scenario():
     """
     from collections import Counter
 
-    from tests.scenario import starts
-    from tests.testapp.models import Effect
+    from tests.scenario import effect_ns, starts
 
     def report(scenario, task, tag, *, messages, ns=(1,), records=None, effect_expected=True):
         if records is not None:
             assert all(r is not None for r in records), "a dedup message has no record"
-        effects = Effect.objects.filter(tag=tag, n__in=ns).values_list("n", flat=True)
-        per_n = Counter(effects)
+        per_n = Counter(effect_ns(tag, ns))
         counted = effect_expected or None
         row = {
             "scenario": scenario,

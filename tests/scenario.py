@@ -16,14 +16,40 @@ from tests.testapp.models import Effect
 from tests.testapp.tasks import plain_effect, run_log, status_effect, tx_effect
 
 #: The ways every scenario runs: the plain control, then the DedupTask in each mode
-#: (status-redis is status mode on a worker whose store is Redis).
+#: (status-redis is status mode on a worker whose store is Redis; the -mariadb ones
+#: keep the message table, and the transactional body's effects, on MariaDB).
 TASKS = {
     "plain": plain_effect,
     "status": status_effect,
     "transactional": tx_effect,
     "status-redis": status_effect,
+    "status-mariadb": status_effect,
+    "transactional-mariadb": tx_effect,
 }
 MODES = list(TASKS)
+#: Where the effects of a transactional body on the MariaDB worker go.
+EFFECT_DATABASES = ("default", "mysql")
+
+
+def store_kind(mode: str) -> str:
+    """The store a mode's worker keeps its records in: ``db``, ``redis`` or ``mariadb``."""
+    return next((kind for kind in ("redis", "mariadb") if mode.endswith(kind)), "db")
+
+
+def effect_ns(tag: str, ns=None) -> list[int]:
+    """The ``n`` of every effect under *tag*, on every database the test may read."""
+    from django.test.testcases import DatabaseOperationForbidden
+
+    found: list[int] = []
+    for alias in EFFECT_DATABASES:
+        rows = Effect.objects.using(alias).filter(tag=tag)
+        if ns is not None:
+            rows = rows.filter(n__in=list(ns))
+        try:
+            found += rows.values_list("n", flat=True)
+        except DatabaseOperationForbidden:
+            continue  # a test that runs no MariaDB mode does not open that database
+    return found
 
 
 @dataclass
@@ -52,7 +78,7 @@ def starts(tag: str) -> list[Run]:
 
 
 def effects(tag: str) -> int:
-    return Effect.objects.filter(tag=tag).count()
+    return len(effect_ns(tag))
 
 
 def record(task, key: str, store=None) -> Record | None:

@@ -213,3 +213,18 @@ def test_worker_ready_logs_the_check_messages(celery_app, caplog):
     with caplog.at_level(logging.WARNING, logger="dedup_celery.checks"):
         checks.log_check_messages(sender=None)
     assert "dedup_celery.W003" in caplog.text
+
+
+def test_a_starting_worker_with_check_errors_exits_unless_they_are_silenced(settings):
+    from dedup_celery.checks import refuse_to_start_on_errors
+
+    settings.DEDUP_CELERY = {"RETRY_COUNTDOWNN": 1}
+    with pytest.raises(SystemExit) as exited:
+        refuse_to_start_on_errors(sender=None)
+    assert "dedup_celery.E002" in str(exited.value)
+    assert "unknown key 'RETRY_COUNTDOWNN'" in str(exited.value)
+    settings.SILENCED_SYSTEM_CHECKS = ["dedup_celery.E002"]
+    refuse_to_start_on_errors(sender=None)  # silenced: it starts
+    settings.DEDUP_CELERY = {}
+    settings.SILENCED_SYSTEM_CHECKS = []
+    refuse_to_start_on_errors(sender=None)

@@ -204,3 +204,91 @@ def test_mariadb_sessions_in_other_time_zones_judge_a_lease_alike(extra_database
         assert second.claim(make_claim(key, lease=600)).verdict is Verdict.IN_FLIGHT
         later = second.get("scope-a", digest(key))
         assert (later.takeovers, later.lease_expired) == (0, False)
+
+
+def deadlock_in(block, alias="mysql"):
+    """Run *block()* (a transaction of its own) so that InnoDB picks it as a deadlock victim.
+
+    Inside the block, the body writes ``first``, locks row x, then row y, while
+    another transaction that has written more (so InnoDB spares it) holds y and
+    wants x. The body catches the deadlock and writes ``second``. Returns what
+    the block raised, or None.
+    """
+    from django.db import OperationalError
+
+    from tests.testapp.models import Effect
+
+    effects = Effect.objects.using(alias)
+    x, y = (effects.create(tag=f"lock-{name}", n=0, task_id="-", pid=0).pk for name in "xy")
+    holding, wanted = threading.Event(), threading.Event()
+    caught: list[BaseException] = []
+
+    def body(tag):
+        effects.create(tag=tag, n=1, task_id="first", pid=0)
+        list(effects.select_for_update().filter(pk=x))
+        holding.wait(10)
+        wanted.set()
+        try:
+            list(effects.select_for_update().filter(pk=y))
+        except OperationalError as exc:  # 1213: the body catches the deadlock
+            caught.append(exc)
+        effects.create(tag=tag, n=2, task_id="second", pid=0)
+
+    def other():
+        try:
+            with transaction.atomic(using=alias):
+                for n in range(50):  # more work done: InnoDB rolls the body back instead
+                    effects.create(tag="heavy", n=n, task_id="-", pid=0)
+                list(effects.select_for_update().filter(pk=y))
+                holding.set()
+                wanted.wait(10)
+                time.sleep(0.2)
+                list(effects.select_for_update().filter(pk=x))
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        block(body)
+    except BaseException as exc:
+        return exc, caught
+    finally:
+        thread.join(20)
+    return None, caught
+
+
+def test_a_transactional_body_that_catches_a_mariadb_deadlock_commits_nothing():
+    from tests.testapp.models import Effect
+
+    backend = DatabaseBackend(database="mysql")
+    effects = Effect.objects.using("mysql")
+
+    # The control: a plain transaction. The body's later write commits alone;
+    # what it wrote before the deadlock is gone with InnoDB's rollback.
+    def plain(body):
+        with transaction.atomic(using="mysql"):
+            body("plain")
+
+    error, caught = deadlock_in(plain)
+    assert error is None
+    assert [exc.args[0] for exc in caught] == [1213], "no deadlock happened"
+    assert sorted(effects.filter(tag="plain").values_list("n", flat=True)) == [2]
+
+    # The DedupTask's transaction: the claim row went with the rollback, so the
+    # COMMIT must not happen: nothing of the body, and a retryable StorageError.
+    claim = make_claim("deadlocked")
+
+    def dedup(body):
+        with backend.transactional_claim(claim) as txn:
+            assert txn.outcome.verdict is Verdict.CLAIMED
+            body("dedup")
+
+    effects.filter(tag__startswith="lock-").delete()
+    error, caught = deadlock_in(dedup)
+    assert [exc.args[0] for exc in caught] == [1213], "no deadlock happened"
+    assert isinstance(error, StorageError), error
+    assert error.step == "commit"
+    assert "record" in str(error)
+    assert not effects.filter(tag="dedup").exists()
+    assert DedupRecord.objects.using("mysql").filter(key_digest=claim.key_digest).count() == 0

@@ -57,8 +57,12 @@ def _log_run(kind, request, tag, n):
         fh.write(f"{kind} {n} {task_id} {request.retries} {os.getpid()} {time.time()}\n")
 
 
+#: The database the bodies write their effects to (the MariaDB scenario worker sets it).
+EFFECT_DATABASE = os.environ.get("DEDUP_TEST_EFFECT_DATABASE", "default")
+
+
 def _effect(request, tag, n):
-    Effect.objects.create(
+    Effect.objects.using(EFFECT_DATABASE).create(
         tag=tag,
         n=n,
         task_id=display_key(request.id, 10_000),

@@ -13,9 +13,19 @@ import pytest
 
 from dedup_celery.keys import storable
 from dedup_celery.states import Status
-from tests.scenario import MODES, TASKS, effects, new_id, record, settle, starts, wait_until
+from tests.scenario import (
+    MODES,
+    TASKS,
+    effects,
+    new_id,
+    record,
+    settle,
+    starts,
+    store_kind,
+    wait_until,
+)
 
-pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True, databases="__all__")]
 
 #: Task ids a producer may pass to ``apply_async(task_id=...)``.
 ODD_IDS = {
@@ -30,6 +40,12 @@ def workers(start_worker, stores):
     return {
         "db": start_worker("task-ids", concurrency=2),
         "redis": start_worker("task-ids-redis", concurrency=2, store_url=stores["redis_url"]),
+        "mariadb": start_worker(
+            "task-ids-mariadb",
+            concurrency=2,
+            dedup={"DATABASE": "mysql"},
+            env={"DEDUP_TEST_EFFECT_DATABASE": "mysql"},
+        ),
     }
 
 
@@ -39,8 +55,7 @@ def test_an_odd_task_id_runs_once_and_its_redelivery_is_skipped(
     workers, stores, mode, kind, report_scenario
 ):
     task = TASKS[mode]
-    worker = workers["redis" if mode.endswith("redis") else "db"]
-    store = stores["redis" if mode.endswith("redis") else "db"]
+    worker, store = workers[store_kind(mode)], stores[store_kind(mode)]
     tag = f"ids-{mode}-{kind.replace(' ', '')}-{new_id()[:8]}"
     task_id = ODD_IDS[kind]()
     # The producer sends the message twice with the same id (a re-send).

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.scenario import TASKS, effects, new_id, record, settle, starts, wait_until
+from tests.scenario import TASKS, effects, new_id, record, settle, starts, store_kind, wait_until
 
-pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True, databases="__all__")]
 
 BROKER_DB = 1
 COUNTDOWN = 7
@@ -26,6 +26,13 @@ def workers(start_worker, stores):
             visibility_timeout=2,
             store_url=stores["redis_url"],
         ),
+        "mariadb": start_worker(
+            "visibility-mariadb",
+            broker_db=BROKER_DB,
+            visibility_timeout=2,
+            dedup={"DATABASE": "mysql"},
+            env={"DEDUP_TEST_EFFECT_DATABASE": "mysql"},
+        ),
     }
 
 
@@ -35,7 +42,7 @@ def test_e_countdown_longer_than_the_visibility_timeout(
 ):
     from tests.celery_app import app
 
-    kind = "redis" if mode.endswith("redis") else "db"
+    kind = store_kind(mode)
     worker, store = workers[kind], stores[kind]
     task, task_id, tag = TASKS[mode], new_id(), f"e-{mode}-{new_id()[:8]}"
     with app.connection_for_write(f"{redis_url}/{BROKER_DB}") as connection:
@@ -74,7 +81,7 @@ def test_stale_copies_do_not_run_after_the_original_failed_for_good(
     record (same task id, same attempt) and are skipped instead of running the body again."""
     from tests.celery_app import app
 
-    kind = "redis" if mode.endswith("redis") else "db"
+    kind = store_kind(mode)
     worker, store = workers[kind], stores[kind]
     task, task_id, tag = TASKS[mode], new_id(), f"stale-{mode}-{new_id()[:8]}"
     with app.connection_for_write(f"{redis_url}/{BROKER_DB}") as connection:
