@@ -34,6 +34,13 @@ DEFAULTS: dict[str, Any] = {
     "PID_TAKEOVER": True,
 }
 
+#: The longest duration a setting or option may have: 100 years. A claim adds
+#: its lease and RECORD_TTL to "now", and every store must hold the sum: Python's
+#: datetime and MySQL's DATETIME end in the year 9999.
+MAX_SECONDS = 100 * 365.25 * 24 * 3600
+#: How the bound reads in error messages.
+SECONDS_RANGE = f"greater than zero and at most 100 years ({MAX_SECONDS:.0f} s)"
+
 # Keys whose value is a number of seconds that must be greater than zero.
 _POSITIVE_SECONDS = ("PROCESSING_TIMEOUT", "RETRY_COUNTDOWN", "RECORD_TTL")
 
@@ -65,12 +72,12 @@ _cached: DedupSettings | None = None
 
 
 def is_seconds(value: Any) -> bool:
-    """Return True if *value* is a real number of seconds greater than zero."""
+    """Return True if *value* is a real number of seconds in (0, :data:`MAX_SECONDS`]."""
     return (
         isinstance(value, numbers.Real)
         and not isinstance(value, bool)
         and value == value  # rejects NaN
-        and 0 < float(value) < float("inf")
+        and 0 < float(value) <= MAX_SECONDS
     )
 
 
@@ -120,12 +127,10 @@ def validate(raw: Any) -> list[checks.CheckMessage]:
         bad("OPTIONS", "a dict of keyword arguments for the backend")
     for key in _POSITIVE_SECONDS:
         if not is_seconds(merged[key]):
-            bad(key, "a number of seconds greater than zero")
+            bad(key, f"a number of seconds {SECONDS_RANGE}")
     heartbeat = merged["HEARTBEAT_INTERVAL"]
     if heartbeat is not None and not is_seconds(heartbeat):
-        bad(
-            "HEARTBEAT_INTERVAL", "None (no lease renewal) or a number of seconds greater than zero"
-        )
+        bad("HEARTBEAT_INTERVAL", f"None (no lease renewal) or a number of seconds {SECONDS_RANGE}")
     for key in ("MAX_TAKEOVERS", "MAX_STORE_RESCHEDULES"):
         count = merged[key]
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:

@@ -13,7 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dedup_celery.conf import DEFAULTS, Limits, get_settings, is_seconds, raw_settings
+from dedup_celery.conf import (
+    DEFAULTS,
+    SECONDS_RANGE,
+    Limits,
+    get_settings,
+    is_seconds,
+    raw_settings,
+)
 from dedup_celery.exceptions import DedupConfigurationError
 from dedup_celery.keys import scope_for
 
@@ -77,12 +84,12 @@ def option_errors(task: Any) -> list[str]:
     for name in SECONDS_OPTIONS:
         value = getattr(task, name)
         if value is not None and not is_seconds(value):
-            problems.append(f"{name} is {value!r}; it must be None or seconds greater than zero")
+            problems.append(f"{name} is {value!r}; it must be None or seconds {SECONDS_RANGE}")
     heartbeat = getattr(task, "dedup_heartbeat_interval", USE_SETTING)
     if heartbeat is not USE_SETTING and heartbeat is not None and not is_seconds(heartbeat):
         problems.append(
             f"dedup_heartbeat_interval is {heartbeat!r}; it must be None (off) or seconds "
-            "greater than zero"
+            f"{SECONDS_RANGE}"
         )
     return problems
 

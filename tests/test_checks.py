@@ -40,6 +40,15 @@ def ids(messages):
         ({"MAX_STORE_RESCHEDULES": 10}, []),
         ({"PID_TAKEOVER": "no"}, ["dedup_celery.E003"]),
         ({"PID_TAKEOVER": False}, []),
+        ({"RECORD_TTL": 10**12}, ["dedup_celery.E003"]),
+        (
+            {
+                "PROCESSING_TIMEOUT": 100 * 365.25 * 24 * 3600,
+                "RECORD_TTL": 100 * 365.25 * 24 * 3600,
+            },
+            [],
+        ),
+        ({"HEARTBEAT_INTERVAL": 10**11}, ["dedup_celery.E003"]),
         ({"HEARTBEAT_INTERVAL": 30, "MAX_TAKEOVERS": 3}, []),
         ({"BACKEND": ""}, ["dedup_celery.E003"]),
         ({"OPTIONS": []}, ["dedup_celery.E003"]),
@@ -108,6 +117,7 @@ def test_a_clean_dedup_task_has_no_messages(celery_app):
         ({"reject_on_worker_lost": False}, ["dedup_celery.W002"]),
         ({"track_started": True}, ["dedup_celery.W003"]),
         ({"dedup_retry_countdown": 3600}, ["dedup_celery.W004"]),
+        ({"dedup_record_ttl": 10**12}, ["dedup_celery.E007"]),
         ({"dedup_record_ttl": 60}, ["dedup_celery.W005"]),
         ({"max_retries": 1000, "default_retry_delay": 3600}, ["dedup_celery.W005"]),
         ({"time_limit": 900}, ["dedup_celery.W006"]),

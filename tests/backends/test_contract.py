@@ -435,3 +435,19 @@ def test_a_poisoned_record_past_record_ttl_is_claimable_again(backend):
     time.sleep(0.5)
     outcome = backend.claim(make_claim())
     assert (outcome.verdict, outcome.record.takeovers) == (Verdict.CLAIMED, 0)
+
+
+def test_the_longest_lease_and_record_ttl_a_check_allows_are_stored_and_read_back(backend):
+    # PROCESSING_TIMEOUT and RECORD_TTL may each be 100 years; a claim keeps its
+    # record for both together, which every store (and Python's datetime) holds.
+    from dedup_celery.conf import MAX_SECONDS
+
+    claim = make_claim(lease=MAX_SECONDS, ttl=MAX_SECONDS)
+    outcome = backend.claim(claim)
+    assert outcome.verdict is Verdict.CLAIMED
+    now = store_now(backend)
+    years = (outcome.record.expires_at - now).days / 365.25
+    assert 99.9 < years < 100.1
+    assert backend.complete(claim, {"value": 1}) is True
+    assert get(backend, "k-1").status == Status.CONSUMED
+    assert backend.claim(make_claim()).verdict is Verdict.CONSUMED
