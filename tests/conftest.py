@@ -109,7 +109,9 @@ def start_worker(django_db_setup, celery_broker, redis_url, postgres_server):
         dedup=None,
         env=None,
         queue=None,
+        release=None,
     ):
+        """Start a worker; *release* (python, project folder) runs another release's code."""
         env = {
             **(env or {}),
             "DEDUP_TEST_DEDUP_EXTRA": json.dumps(dedup or {}),
@@ -121,7 +123,8 @@ def start_worker(django_db_setup, celery_broker, redis_url, postgres_server):
             "DEDUP_TEST_MYSQL_NAME": connections["mysql"].settings_dict["NAME"],
             "DEDUP_TEST_VISIBILITY_TIMEOUT": str(visibility_timeout or ""),
         }
-        worker = Worker(name, queue=queue or f"q-{name}", env=env, concurrency=concurrency)
+        where = {} if release is None else {"python": release[0], "cwd": release[1]}
+        worker = Worker(name, queue=queue or f"q-{name}", env=env, concurrency=concurrency, **where)
         started.append(worker)
         return worker.start()
 

@@ -30,13 +30,25 @@ __all__ = [
 class Worker:
     """A real ``celery worker`` process (prefork pool) of the test project."""
 
-    def __init__(self, name: str, queue: str, env: dict[str, str], concurrency: int = 4):
+    def __init__(
+        self,
+        name: str,
+        queue: str,
+        env: dict[str, str],
+        concurrency: int = 4,
+        *,
+        python: str = sys.executable,
+        cwd: Path = REPO,
+    ):
+        """A worker of *python* (this venv's by default) importing the project from *cwd*."""
         self.name = name
+        self.python = python
+        self.cwd = cwd
         self.queue = queue
         self.log_path = Path(os.environ["DEDUP_TEST_TMP"]) / f"worker-{name}.log"
         self.env = {
             **os.environ,
-            "PYTHONPATH": str(REPO),
+            "PYTHONPATH": str(cwd),
             **env,
             "DJANGO_SETTINGS_MODULE": "tests.settings",
         }
@@ -50,7 +62,7 @@ class Worker:
         self.started_at = datetime.datetime.now()
         self.process = subprocess.Popen(
             [
-                sys.executable,
+                self.python,
                 "-m",
                 "celery",
                 "-A",
@@ -72,7 +84,7 @@ class Worker:
                 "--prefetch-multiplier",
                 "1",
             ],
-            cwd=REPO,
+            cwd=self.cwd,
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
