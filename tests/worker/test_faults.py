@@ -17,9 +17,8 @@ from django.db import connections
 
 from dedup_celery.backends.base import Status
 from dedup_celery.backends.redis import RedisBackend
-from tests.scenario import effects, new_id, record, settle, starts, wait_until
+from tests.scenario import effect_ns, effects, new_id, record, settle, starts, wait_until
 from tests.services import RedisServer
-from tests.testapp.models import Effect
 from tests.testapp.tasks import (
     plain_effect,
     plain_store_effect,
@@ -31,12 +30,12 @@ from tests.testapp.tasks import (
     tx_effect,
 )
 
-pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True, databases="__all__")]
 
 
 def counts(tag, n_values):
     found = dict.fromkeys(n_values, 0)
-    for n in Effect.objects.filter(tag=tag).values_list("n", flat=True):
+    for n in effect_ns(tag):
         found[n] = found.get(n, 0) + 1
     return found
 
@@ -81,23 +80,43 @@ def test_whole_worker_killed_with_tasks_in_flight_then_restarted(start_worker, r
         report_scenario("worker killed", mode, tag, messages=len(ns), ns=ns)
 
 
+@pytest.mark.parametrize("database", ["postgresql", "mariadb"])
 def test_postgres_stopped_during_a_stream_then_started(
-    start_worker, postgres_server, report_scenario
+    request, start_worker, database, report_scenario
 ):
-    """Fault 3: no message lost, no duplicate effect, workers recover without a restart."""
-    worker = start_worker("pg-outage", concurrency=2)
-    tag = f"pg-{new_id()[:8]}"
+    """Fault 3: no message lost, no duplicate effect, workers recover without a restart.
+
+    With ``mariadb``, the message table and every body's effects are on the
+    session's MariaDB, which is the server stopped.
+    """
+    if database == "mariadb":
+        server = request.getfixturevalue("mariadb_server")
+        worker = start_worker(
+            "mariadb-outage",
+            concurrency=2,
+            dedup={"DATABASE": "mysql"},
+            env={"DEDUP_TEST_EFFECT_DATABASE": "mysql"},
+        )
+        stop = server.stop
+    else:
+        server = request.getfixturevalue("postgres_server")
+        worker = start_worker("pg-outage", concurrency=2)
+
+        def stop():
+            server.stop("fast")
+
+    tag = f"{database}-{new_id()[:8]}"
     plan = {}
     for n in range(30):
         plan[n] = (tx_autoretry, status_autoretry, plain_effect)[n % 3]
     sent_at = {}
     for n, task in plan.items():
         if n == 9:
-            postgres_server.stop("fast")
+            stop()
             stopped = time.monotonic()
         if n == 21:
             time.sleep(max(0.0, 5 - (time.monotonic() - stopped)))
-            postgres_server.start()
+            server.start()
             restarted = time.monotonic()
         publish(task, worker, new_id(), tag=tag, n=n)
         sent_at[n] = time.monotonic()
@@ -125,7 +144,8 @@ def test_postgres_stopped_during_a_stream_then_started(
         ("plain", plain_effect),
     ):
         ns = [n for n, t in plan.items() if t is task]
-        report_scenario("PG stopped", mode, tag, messages=len(ns), ns=ns)
+        scenario = "PG stopped" if database == "postgresql" else "MariaDB stopped"
+        report_scenario(scenario, mode, tag, messages=len(ns), ns=ns)
 
 
 @pytest.fixture
