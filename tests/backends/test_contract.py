@@ -451,3 +451,20 @@ def test_the_longest_lease_and_record_ttl_a_check_allows_are_stored_and_read_bac
     assert backend.complete(claim, {"value": 1}) is True
     assert get(backend, "k-1").status == Status.CONSUMED
     assert backend.claim(make_claim()).verdict is Verdict.CONSUMED
+
+
+def test_a_renewal_keeps_the_record_record_ttl_past_the_renewed_lease(backend):
+    # A heartbeat renews the lease; if the owner then dies, the record (and its
+    # takeovers count) must outlive the renewed lease by RECORD_TTL, as after a
+    # claim, not vanish with the claim's own retention.
+    claim = make_claim(lease=1.0, ttl=1.0)
+    started = time.monotonic()
+    backend.claim(claim)
+    time.sleep(0.8)
+    assert backend.renew(claim) is True
+    time.sleep(max(0.0, 2.3 - (time.monotonic() - started)))  # the claim's retention has passed
+    assert backend.purge_expired() == 0
+    stored = get(backend, "k-1")
+    assert stored is not None, "the record went before RECORD_TTL past the renewed lease"
+    assert stored.status == Status.PROCESSING
+    assert backend.claim(make_claim(lease=1.0, ttl=1.0)).verdict is Verdict.TAKEN_OVER

@@ -237,7 +237,12 @@ class DatabaseBackend(TransactionalBackend):
         return bool(
             self._records()
             .owned(claim.scope, claim.key_digest, claim.owner)
-            .update(expires_at=NowPlus(claim.lease_seconds), heartbeat_at=StoreNow())
+            .update(
+                expires_at=NowPlus(claim.lease_seconds),
+                # The record outlives the renewed lease by RECORD_TTL, as after a claim.
+                purge_after=NowPlus(retention(claim.lease_seconds, claim.record_ttl)),
+                heartbeat_at=StoreNow(),
+            )
         )
 
     @storage_errors

@@ -41,6 +41,7 @@ from dedup_celery.backends.base import (
     Record,
     claimant_values,
     outcome_for,
+    retention,
 )
 from dedup_celery.backends.redis.scripts import SCRIPT_NAMES, script_source
 from dedup_celery.exceptions import DedupConfigurationError, StorageError, StorageRefusedError
@@ -248,8 +249,10 @@ class RedisBackend(BaseBackend):
         args = [uuid.UUID(owner).hex, "1" if expired_only else "0"]
         return bool(self._run("release", scope, key_digest, args))
 
-    def _owned(self, scope: str, key_digest: str, owner: str, what: str, seconds: float) -> bool:
-        args = [uuid.UUID(owner).hex, what, round(seconds * 1000)]
+    def _owned(
+        self, scope: str, key_digest: str, owner: str, what: str, seconds: float, keep: float = 0
+    ) -> bool:
+        args = [uuid.UUID(owner).hex, what, round(seconds * 1000), round(keep * 1000)]
         return bool(self._run("owned", scope, key_digest, args))
 
     @_storage_errors
@@ -260,7 +263,10 @@ class RedisBackend(BaseBackend):
     @_storage_errors
     def renew(self, claim: Claim) -> bool:
         """Extend the lease while the owner still holds it (see :meth:`BaseBackend.renew`)."""
-        return self._owned(claim.scope, claim.key_digest, claim.owner, "renew", claim.lease_seconds)
+        keep = retention(claim.lease_seconds, claim.record_ttl)
+        return self._owned(
+            claim.scope, claim.key_digest, claim.owner, "renew", claim.lease_seconds, keep
+        )
 
     @_storage_errors
     def expire_lease(self, scope: str, key_digest: str, owner: str) -> bool:
