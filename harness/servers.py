@@ -204,15 +204,21 @@ class MariaDBServer:
         self.data = self.base / "data"
         self.socket = self.base / "mariadb.sock"
         self.log = self.base / "server.log"
+        self.tmp = self.base / "tmp"
+        self.tmp.mkdir()
         self.port = free_port()
         self.as_root = os.geteuid() == 0
         self.process: subprocess.Popen | None = None
         if self.as_root:
             account = pwd.getpwnam("mysql")
-            os.chown(self.base, account.pw_uid, account.pw_gid)
+            for path in (self.base, self.tmp):
+                os.chown(path, account.pw_uid, account.pw_gid)
 
     def _command(self, *args: str) -> list[str]:
-        return ["runuser", "-u", "mysql", "--", *args] if self.as_root else list(args)
+        # A temporary folder of its own: two servers bootstrapping at once in one
+        # /tmp collide on their temporary tables.
+        command = ["env", f"TMPDIR={self.tmp}", *args]
+        return ["runuser", "-u", "mysql", "--", *command] if self.as_root else command
 
     def init(self) -> None:
         """Create the data folder (mariadb-install-db)."""
@@ -222,7 +228,7 @@ class MariaDBServer:
                 "MariaDB (mariadb-install-db, /usr/sbin/mariadbd) is not installed; "
                 "'make test' installs Debian's mariadb-server (.ci/install-packages)."
             )
-        subprocess.run(
+        done = subprocess.run(
             self._command(
                 installer,
                 "--no-defaults",
@@ -230,10 +236,15 @@ class MariaDBServer:
                 "--auth-root-authentication-method=normal",
                 "--skip-test-db",
             ),
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            check=False,
+            capture_output=True,
+            text=True,
         )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"mariadb-install-db failed ({done.returncode}):\n{done.stdout[-2000:]}"
+                f"\n{done.stderr[-2000:]}"
+            )
 
     def start(self, timeout: float = 60) -> None:
         """Start mariadbd on its port and socket, and wait until it answers."""
@@ -247,6 +258,7 @@ class MariaDBServer:
                 f"--port={self.port}",
                 "--bind-address=127.0.0.1",
                 f"--pid-file={self.base / 'mariadb.pid'}",
+                f"--tmpdir={self.tmp}",
                 "--skip-grant-tables",
                 "--skip-name-resolve",
                 "--default-time-zone=+00:00",
