@@ -12,11 +12,12 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from django.db import IntegrityError, models, transaction
-from django.db.models import BooleanField, Case, F, PositiveIntegerField, Q, Value, When
+from django.db.models import BooleanField, Case, F, Q, Value, When
 
 from dedup_celery.backends.base import (
     Claim,
     ClaimOutcome,
+    Verdict,
     claimant_values,
     outcome_for,
     retention,
@@ -128,24 +129,40 @@ class DedupRecordQuerySet(models.QuerySet):
                     )
                 )
             if not claimed and not poisoned_now:
-                record.filter(not_mine).update(
-                    skipped=Case(
-                        When(processing, then=F("skipped")),
-                        default=F("skipped") + 1,
-                        output_field=PositiveIntegerField(),
-                    ),
-                    rescheduled=Case(
-                        When(processing, then=F("rescheduled") + 1),
-                        default=F("rescheduled"),
-                        output_field=PositiveIntegerField(),
-                    ),
-                    last_duplicate_at=StoreNow(),
-                )
+                counted = self._count_duplicate(record.filter(not_mine))
+                if counted is not None:
+                    found = self.fetch(claim.scope, claim.key_digest)
+                    if found is not None:
+                        return ClaimOutcome(verdict=counted, record=found)
             found = self.fetch(claim.scope, claim.key_digest)
             if found is not None:
                 return outcome_for(claim, found, changed_now=poisoned_now)
             # Purged or released between the statements: claim again.
         raise StorageError("the record kept disappearing while it was being claimed")
+
+    @staticmethod
+    def _count_duplicate(rows: DedupRecordQuerySet) -> Verdict | None:
+        """Count a duplicate on the record as it is now; return the verdict that count is.
+
+        One conditioned UPDATE per status, so the counter and the verdict come
+        from the same state of the row: a copy that met a PROCESSING record is
+        rescheduled (and counted so) even if the record is CONSUMED by the time
+        it is read back. None: no row of another owner was there to count on.
+        """
+        if rows.filter(status=Status.PROCESSING).update(
+            rescheduled=F("rescheduled") + 1, last_duplicate_at=StoreNow()
+        ):
+            return Verdict.IN_FLIGHT
+        for status, verdict in (
+            (Status.CONSUMED, Verdict.CONSUMED),
+            (Status.FAILED, Verdict.STALE),
+            (Status.POISONED, Verdict.POISONED),
+        ):
+            if rows.filter(status=status).update(
+                skipped=F("skipped") + 1, last_duplicate_at=StoreNow()
+            ):
+                return verdict
+        return None
 
     def fetch(self, scope: str, key_digest: str, *, with_lease: bool = False) -> Any:
         """Return the :class:`~dedup_celery.backends.base.Record` of (scope, key), or None."""

@@ -468,3 +468,36 @@ def test_a_renewal_keeps_the_record_record_ttl_past_the_renewed_lease(backend):
     assert stored is not None, "the record went before RECORD_TTL past the renewed lease"
     assert stored.status == Status.PROCESSING
     assert backend.claim(make_claim(lease=1.0, ttl=1.0)).verdict is Verdict.TAKEN_OVER
+
+
+def test_every_duplicate_is_counted_as_what_its_claim_was_told(backend):
+    # Copies race the owner's complete: each copy's verdict (rescheduled while
+    # in flight, skipped once consumed) must match the counter it left, also on
+    # the portable path, where the count and the read-back are two statements.
+    verdicts: list[Verdict] = []
+
+    def copy(barrier, key):
+        barrier.wait()
+        verdicts.append(backend.claim(make_claim(key)).verdict)
+        connections.close_all()
+
+    def complete(barrier, owner):
+        barrier.wait()
+        backend.complete(owner, None)
+        connections.close_all()
+
+    for round_ in range(4):
+        key = f"race-{round_}"
+        owner = make_claim(key)
+        backend.claim(owner)
+        barrier = threading.Barrier(9)
+        threads = [threading.Thread(target=copy, args=(barrier, key)) for _ in range(8)]
+        threads.append(threading.Thread(target=complete, args=(barrier, owner)))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        stored = get(backend, key)
+        told = verdicts[-8:]
+        assert told.count(Verdict.IN_FLIGHT) == stored.rescheduled, told
+        assert told.count(Verdict.CONSUMED) == stored.skipped, told

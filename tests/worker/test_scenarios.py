@@ -189,7 +189,7 @@ def test_d_child_killed_mid_body(case, tag, report_scenario):
     report_scenario("d", case.mode, tag, messages=1, records=case.records(task_id))
 
 
-@pytest.mark.parametrize("mode", ["plain", "status", "status-redis"])
+@pytest.mark.parametrize("mode", ["plain", "status", "status-redis", "status-mariadb"])
 def test_f_child_killed_after_the_body_before_consumed_is_the_window(
     make_case, mode, tag, report_scenario
 ):

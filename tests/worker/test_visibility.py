@@ -73,7 +73,7 @@ def test_e_countdown_longer_than_the_visibility_timeout(
     report_scenario("e", mode, tag, messages=1, records=records)
 
 
-@pytest.mark.parametrize("mode", ["plain", "status", "status-redis"])
+@pytest.mark.parametrize("mode", ["plain", "status", "status-redis", "status-mariadb"])
 def test_stale_copies_do_not_run_after_the_original_failed_for_good(
     workers, stores, mode, redis_url, report_scenario
 ):
