@@ -20,11 +20,10 @@ from dedup_celery.backends.base import (
     Verdict,
     claimant_values,
     outcome_for,
-    retention,
 )
 from dedup_celery.clock import NowPlus, StoreNow
 from dedup_celery.exceptions import StorageError
-from dedup_celery.states import Status
+from dedup_celery.states import Status, retention
 
 if TYPE_CHECKING:
     from dedup_celery.models import DedupRecord

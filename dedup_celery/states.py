@@ -34,3 +34,12 @@ def may_release(status: str, *, lease_expired: bool | None, force: bool) -> bool
     if status == Status.POISONED:
         return True
     return status == Status.PROCESSING and (force or bool(lease_expired))
+
+
+def retention(lease_seconds: float, record_ttl: float) -> float:
+    """Seconds from a claim until a purge may delete its record: the lease, then RECORD_TTL.
+
+    A PROCESSING record whose lease ran out still holds the message's
+    takeovers count, which a later delivery needs to stop a poison message.
+    """
+    return float(lease_seconds) + float(record_ttl)

@@ -143,15 +143,6 @@ CLAIMANT_FIELDS: tuple[str, ...] = (
 )  # fmt: skip
 
 
-def retention(lease_seconds: float, record_ttl: float) -> float:
-    """Seconds from a claim until a purge may delete its record: the lease, then RECORD_TTL.
-
-    A PROCESSING record whose lease ran out still holds the message's
-    takeovers count, which a later delivery needs to stop a poison message.
-    """
-    return float(lease_seconds) + float(record_ttl)
-
-
 def claimant_values(claim: Claim, status: str) -> dict[str, Any]:
     """Return :data:`CLAIMANT_FIELDS` and their values for *claim*, with *status*.
 

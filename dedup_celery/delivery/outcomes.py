@@ -117,13 +117,18 @@ STORE_RESCHEDULES_HEADER = "dedup_store_reschedules"
 EXPIRES_HEADER = "dedup_expires"
 
 
+def _header(request: Any, name: str) -> Any:
+    """The value of custom header *name* on *request*'s message, or None."""
+    return (getattr(request, "headers", None) or {}).get(name)
+
+
 def copy_deadline(task: Any, request: Any) -> datetime.datetime | None:
     """Return the ``expires`` of the message that *request*'s copy was made from, or None.
 
     Only copies made by :func:`republish` carry it; Celery judges the
     ``expires`` of every other message itself, before the task runs.
     """
-    value = (getattr(request, "headers", None) or {}).get(EXPIRES_HEADER)
+    value = _header(request, EXPIRES_HEADER)
     if not value:
         return None
     try:
@@ -165,7 +170,7 @@ def expired_copy(delivery: Delivery, deadline: datetime.datetime) -> None:
 
 def store_reschedules(request: Any) -> int:
     """How many times this message was already rescheduled because the store failed."""
-    value = (getattr(request, "headers", None) or {}).get(STORE_RESCHEDULES_HEADER, 0)
+    value = _header(request, STORE_RESCHEDULES_HEADER)
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 

@@ -13,23 +13,20 @@ from django.db import migrations, models
 class AddIndexConcurrentlyOnPostgreSQL(migrations.AddIndex):
     """``AddIndex`` that does not lock the table for writes on PostgreSQL."""
 
-    def database_forwards(self, app_label, schema_editor, from_state, to_state):
-        model = to_state.apps.get_model(app_label, self.model_name)
+    def _apply(self, app_label, schema_editor, state, action):
+        model = state.apps.get_model(app_label, self.model_name)
         if not self.allow_migrate_model(schema_editor.connection.alias, model):
             return
-        if schema_editor.connection.vendor == "postgresql":
-            schema_editor.add_index(model, self.index, concurrently=True)
-        else:
-            schema_editor.add_index(model, self.index)
+        postgresql = schema_editor.connection.vendor == "postgresql"
+        getattr(schema_editor, action)(
+            model, self.index, **({"concurrently": True} if postgresql else {})
+        )
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        self._apply(app_label, schema_editor, to_state, "add_index")
 
     def database_backwards(self, app_label, schema_editor, from_state, to_state):
-        model = from_state.apps.get_model(app_label, self.model_name)
-        if not self.allow_migrate_model(schema_editor.connection.alias, model):
-            return
-        if schema_editor.connection.vendor == "postgresql":
-            schema_editor.remove_index(model, self.index, concurrently=True)
-        else:
-            schema_editor.remove_index(model, self.index)
+        self._apply(app_label, schema_editor, from_state, "remove_index")
 
 
 class Migration(migrations.Migration):

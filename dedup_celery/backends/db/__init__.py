@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from django.core import checks
 from django.db import IntegrityError, connections, router, transaction
+from django.db.models import F
 
 from dedup_celery.backends.base import (
     Claim,
@@ -25,7 +26,6 @@ from dedup_celery.backends.base import (
     Verdict,
     claimant_values,
     outcome_for,
-    retention,
 )
 from dedup_celery.backends.db import sql
 from dedup_celery.backends.db.connection import execute, storage_errors
@@ -35,7 +35,7 @@ from dedup_celery.clock import SUPPORTED_VENDORS, NowPlus, StoreNow, now_plus_sq
 from dedup_celery.conf import get_settings
 from dedup_celery.exceptions import DedupConfigurationError
 from dedup_celery.models import DedupRecord
-from dedup_celery.states import Status
+from dedup_celery.states import Status, retention
 
 # Vendors that run the one-statement claim; the others take the portable path.
 _UPSERT_VENDORS = ("postgresql", "sqlite")
@@ -161,6 +161,19 @@ class DatabaseBackend(TransactionalBackend):
         :func:`.transactional.transactional_block` for how.
         """
         return transactional_block(self, claim)
+
+    def still_holds(self, claim: Claim) -> bool:
+        """True if the open transaction still holds *claim*'s record (one round trip, MySQL).
+
+        InnoDB rolls back a deadlock victim's whole transaction, claim row
+        included, but a body that catches the error leaves Django's atomic block
+        unaware, and its later statements run in a new transaction that would
+        COMMIT alone. Django's MySQL backend counts found rows, so the no-op
+        UPDATE says 1 if the row is there. PostgreSQL needs no such statement
+        (:func:`~dedup_celery.backends.db.connection.transaction_broken`).
+        """
+        rows = self._records().held_by(claim.scope, claim.key_digest, claim.owner)
+        return bool(rows.update(updated_at=F("updated_at")))
 
     def store_result(self, claim: Claim, result: Any) -> None:
         """Store *result* on the record *claim* owns (inside its open transaction)."""

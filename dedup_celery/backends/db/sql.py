@@ -54,7 +54,7 @@ def claim_sql(
 
     Parameters: :data:`CLAIM_PARAMETERS`, then the lease (or RECORD_TTL in
     transactional mode) in seconds, then the retention
-    (:func:`~dedup_celery.backends.base.retention`),
+    (:func:`~dedup_celery.states.retention`),
     then (PostgreSQL, transactional) the advisory lock key.
     """
 

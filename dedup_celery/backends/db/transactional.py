@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from django.db import connections, transaction
-from django.db.models import F
 
 from dedup_celery.backends.base import Claim, TransactionalClaim
 from dedup_celery.backends.db.connection import DRIVER_ERRORS, storage_error, transaction_broken
@@ -16,22 +15,6 @@ from dedup_celery.exceptions import DedupError, OuterTransactionError, StorageEr
 
 if TYPE_CHECKING:
     from dedup_celery.backends.db import DatabaseBackend
-
-
-def _record_still_there(backend: DatabaseBackend, claim: Claim) -> bool:
-    """True if the open transaction still holds *claim*'s record (one round trip, MySQL).
-
-    InnoDB rolls back a deadlock victim's whole transaction, claim row included,
-    but a body that catches the error leaves Django's atomic block unaware, and
-    its later statements run in a new transaction that would COMMIT alone.
-    Django's MySQL backend counts found rows, so the no-op UPDATE says 1 if the
-    row is there. PostgreSQL needs no such statement (:func:`transaction_broken`).
-    """
-    from dedup_celery.models import DedupRecord
-
-    records = DedupRecord.objects.using(backend.alias)
-    rows = records.held_by(claim.scope, claim.key_digest, claim.owner)
-    return bool(rows.update(updated_at=F("updated_at")))
 
 
 @contextmanager
@@ -71,15 +54,14 @@ def transactional_block(backend: DatabaseBackend, claim: Claim) -> Iterator[Tran
                     "rollback; nothing was committed. Let the error propagate, or "
                     "wrap the failing statement in its own transaction.atomic()."
                 )
-            if connection.vendor == "mysql" and not _record_still_there(backend, claim):
-                step = "commit"
+            if connection.vendor == "mysql" and not backend.still_holds(claim):
                 error = StorageError(
                     f"{claim.task_name}[{claim.task_id}]: the claim's record was gone before "
                     "COMMIT: InnoDB rolled back the whole transaction (a deadlock or lock "
                     "wait timeout that the body caught), and what the body did after it ran "
                     "in a new one. Nothing was committed."
                 )
-                error.step = step
+                error.step = "commit"
                 raise error
             if handle.result is not None:
                 step = "store"

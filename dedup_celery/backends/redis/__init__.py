@@ -41,11 +41,10 @@ from dedup_celery.backends.base import (
     Record,
     claimant_values,
     outcome_for,
-    retention,
 )
 from dedup_celery.backends.redis.scripts import SCRIPT_NAMES, script_source
 from dedup_celery.exceptions import DedupConfigurationError, StorageError, StorageRefusedError
-from dedup_celery.states import Status
+from dedup_celery.states import Status, retention
 
 T = TypeVar("T")
 
