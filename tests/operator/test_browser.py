@@ -82,12 +82,29 @@ def test_an_operator_filters_and_releases_an_expired_processing_record(live_serv
     browser.find_element(By.NAME, "username").send_keys("operator")
     browser.find_element(By.NAME, "password").send_keys("correct horse")
     browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+    # Wait for the login's redirect to land, or it can overtake the next page load.
+    WebDriverWait(browser, 10).until(
+        lambda driver: (
+            "/admin/login/" not in driver.current_url and driver.find_elements(By.ID, "user-tools")
+        ),
+        "the login did not complete",
+    )
     browser.get(f"{live_server.url}/admin/dedup_celery/deduprecord/")
+    WebDriverWait(browser, 10).until(
+        lambda driver: (
+            "/admin/dedup_celery/deduprecord/" in driver.current_url
+            and driver.find_elements(By.ID, "changelist")
+        ),
+        "the message table's change list did not open",
+    )
     shot(browser, "1-changelist")
     assert "done-order" in browser.page_source
 
     browser.find_element(By.LINK_TEXT, "processing").click()  # the status filter
-    assert "status__exact=processing" in browser.current_url
+    WebDriverWait(browser, 10).until(
+        lambda driver: "status__exact=processing" in driver.current_url,
+        "the status filter did not apply",
+    )
     assert "done-order" not in browser.page_source
     assert "stuck-order" in browser.page_source
     shot(browser, "2-filtered")
