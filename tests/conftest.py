@@ -76,6 +76,16 @@ def unreachable_database(extra_database):
     return extra_database("unreachable", PORT="1")
 
 
+@pytest.fixture(autouse=True)
+def _close_kept_connections():
+    """Close the database backend's kept connections after each test (tracer-level tests open
+    them on the main thread), so no session outlives the test that opened it."""
+    yield
+    from dedup_celery.backends.db import kept
+
+    kept.close_all()
+
+
 @pytest.fixture(scope="session")
 def redis_url(redis_server):
     return f"redis://{redis_server.host}:{redis_server.port}"

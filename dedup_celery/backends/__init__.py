@@ -94,7 +94,9 @@ def reset_backend() -> None:
     """Drop the cached backend; the next :func:`get_backend` builds a new one."""
     global _instance
     with _lock:
-        _instance = None
+        backend, _instance = _instance, None
+    if backend is not None:
+        backend.close()
 
 
 @receiver(setting_changed)

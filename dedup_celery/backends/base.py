@@ -250,6 +250,21 @@ class BaseBackend:
         """
         raise self._missing("claim")
 
+    def take_over(self, claim: Claim, gone_owner: str) -> ClaimOutcome:
+        """Claim a record whose holder *gone_owner* is known to be gone (its process died).
+
+        The gone owner's lease counts as expired, so the claim takes the record
+        over (or poisons it after ``MAX_TAKEOVERS``) as it would an expired
+        lease; if another owner holds it by now, that is a duplicate as usual.
+        The default ends the lease (:meth:`expire_lease`), then claims; a store
+        that can do both in one step may.
+        """
+        self.expire_lease(claim.scope, claim.key_digest, gone_owner)
+        return self.claim(claim)
+
+    def close(self) -> None:
+        """Let go of what the backend holds open of its own (called when it is replaced)."""
+
     def complete(self, claim: Claim, result: Any) -> bool:
         """Mark the record CONSUMED if ``owner`` is still *claim*'s token.
 

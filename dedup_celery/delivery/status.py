@@ -43,8 +43,7 @@ class StatusDelivery(Delivery):
                 gone = outcome.record
                 assert gone is not None
                 assert gone.owner is not None
-                backend.expire_lease(claim.scope, claim.key_digest, gone.owner)
-                outcome = backend.claim(claim)
+                outcome = backend.take_over(claim, gone.owner)
         except StorageError as exc:
             outcomes.storage_unavailable(self, exc, "claim")
         if not outcome.verdict.claimed:

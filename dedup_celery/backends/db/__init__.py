@@ -28,8 +28,9 @@ from dedup_celery.backends.base import (
     outcome_for,
 )
 from dedup_celery.backends.db import sql
-from dedup_celery.backends.db.connection import execute, storage_errors
-from dedup_celery.backends.db.rows import owner_param, record_from_row
+from dedup_celery.backends.db.connection import DRIVER_ERRORS, execute, storage_errors
+from dedup_celery.backends.db.kept import KeptConnection
+from dedup_celery.backends.db.rows import first_record, owner_param, record_from_row
 from dedup_celery.backends.db.transactional import transactional_block
 from dedup_celery.clock import SUPPORTED_VENDORS, NowPlus, StoreNow, now_plus_sql
 from dedup_celery.conf import get_settings
@@ -78,6 +79,17 @@ class DatabaseBackend(TransactionalBackend):
         self._sql: dict[tuple[Any, ...], str] = {}
         # Tests set this to run the portable path on PostgreSQL and SQLite too.
         self._force_generic = False
+        self._kept_connection: KeptConnection | None = None
+
+    @property
+    def _kept(self) -> KeptConnection:
+        """The kept connection (:mod:`.kept`), for the alias as it is at first use."""
+        kept = self._kept_connection
+        if kept is None or kept.alias != self.alias:
+            if kept is not None:
+                kept.close()
+            kept = self._kept_connection = KeptConnection(self.alias)
+        return kept
 
     # -- where and how -------------------------------------------------------------
 
@@ -114,10 +126,24 @@ class DatabaseBackend(TransactionalBackend):
 
     # -- claims -------------------------------------------------------------------
 
-    def _claim(self, claim: Claim, *, transactional: bool) -> ClaimOutcome:
-        connection = connections[self.alias]
-        if not self._upsert(connection):
+    def _claim(
+        self, claim: Claim, *, transactional: bool, gone_owner: str | None = None
+    ) -> ClaimOutcome:
+        django_connection = connections[self.alias]
+        if not self._upsert(django_connection):
             return self._records().claim_portable(claim, transactional=transactional)
+        kept = not transactional and self._kept.wanted(django_connection)
+        connection = self._kept.get() if kept else django_connection
+        vendor = connection.vendor
+        status = Status.CONSUMED if transactional else Status.PROCESSING
+        params = self._claim_params(claim, connection, status, transactional=transactional)
+        if gone_owner is None:
+            # A key's first delivery is the common case: insert, or do nothing.
+            first = self._statement(connection, "first_claim", transactional=transactional)
+            row = self._execute(connection, first, params, fetch=True, kept=kept)
+            if row is not None:
+                return ClaimOutcome(Verdict.CLAIMED, first_record(claim, status.value, row))
+        # The key has a record (or, transactional, a copy's open transaction): decide on it.
         text = self._statement(
             connection,
             "claim",
@@ -125,26 +151,70 @@ class DatabaseBackend(TransactionalBackend):
             max_takeovers=claim.max_takeovers,
             record_ttl=claim.record_ttl,
         )
-        status = Status.CONSUMED if transactional else Status.PROCESSING
+        if vendor == "postgresql" and not transactional:
+            gone = None if gone_owner is None else owner_param(gone_owner, connection)
+            params += [gone] * sql.GONE_OWNER_SLOTS
+        row = self._execute(connection, text, params, fetch=True, kept=kept)
+        if row is None:
+            return ClaimOutcome(verdict=Verdict.IN_FLIGHT, record=None)
+        values = dict(zip(sql.CLAIM_RETURNING, row, strict=True))
+        changed_now = bool(values.pop("changed_now"))
+        return outcome_for(claim, record_from_row(values), changed_now=changed_now)
+
+    @staticmethod
+    def _claim_params(
+        claim: Claim, connection: Any, status: Status, *, transactional: bool
+    ) -> list[Any]:
+        """The parameters both claim statements share (:func:`.sql.claim_sql`)."""
+        vendor = connection.vendor
         values = {"scope": claim.scope, "key_digest": claim.key_digest}
         values.update(claimant_values(claim, status.value))
         values["owner"] = owner_param(claim.owner, connection)
         seconds = claim.record_ttl if transactional else claim.lease_seconds
-        params = sql.param_list(values) + now_plus_sql(connection.vendor, seconds)[1]
-        params += now_plus_sql(connection.vendor, retention(seconds, claim.record_ttl))[1]
-        if connection.vendor == "postgresql" and transactional:
+        params = sql.param_list(values) + now_plus_sql(vendor, seconds)[1]
+        params += now_plus_sql(vendor, retention(seconds, claim.record_ttl))[1]
+        if vendor == "postgresql" and transactional:
             params.append(sql.advisory_lock_key(claim.scope, claim.key_digest))
-        row, names = execute(connection, text, params, fetch=True, prepare=self.prepare_statements)
-        if row is None:
-            return ClaimOutcome(verdict=Verdict.IN_FLIGHT, record=None)
-        values = dict(zip(names, row, strict=True))
-        changed_now = bool(values.pop("changed_now"))
-        return outcome_for(claim, record_from_row(values), changed_now=changed_now)
+        return params
+
+    def _execute(
+        self, connection: Any, text: str, params: list[Any], *, fetch: bool, kept: bool
+    ) -> Any:
+        """Run a hot-path statement; on the kept connection, once more if the connection was lost.
+
+        Sending it again is safe: every statement sent this way is conditioned
+        on the owner token, and a claim that finds its own token reports it as
+        its own.
+        """
+        if not kept:
+            return execute(connection, text, params, fetch=fetch, prepare=self.prepare_statements)
+        try:
+            return execute(connection, text, params, fetch=fetch, prepare=self.prepare_statements)
+        except DRIVER_ERRORS as exc:
+            if not self._kept.usable_after(exc):
+                raise
+        return execute(self._kept.get(), text, params, fetch=fetch, prepare=self.prepare_statements)
 
     @storage_errors
     def claim(self, claim: Claim) -> ClaimOutcome:
         """Claim in status mode (see :meth:`BaseBackend.claim`)."""
         return self._claim(claim, transactional=False)
+
+    @storage_errors
+    def take_over(self, claim: Claim, gone_owner: str) -> ClaimOutcome:
+        """Claim, counting *gone_owner*'s lease as expired (see :meth:`BaseBackend.take_over`).
+
+        On PostgreSQL this is one statement; elsewhere it ends the lease, then claims.
+        """
+        if connections[self.alias].vendor != "postgresql" or not self._upsert(
+            connections[self.alias]
+        ):
+            return super().take_over(claim, gone_owner)
+        return self._claim(claim, transactional=False, gone_owner=gone_owner)
+
+    def close(self) -> None:
+        """Close the backend's kept connection (:mod:`.kept`); Django's are Django's to close."""
+        self._kept.close()
 
     def claim_in_transaction(self, claim: Claim) -> ClaimOutcome:
         """Insert a CONSUMED record in the open transaction, or count the duplicate."""
@@ -185,8 +255,8 @@ class DatabaseBackend(TransactionalBackend):
     def complete(self, claim: Claim, result: Any) -> bool:
         """Mark the record CONSUMED if *claim* still owns it (see :meth:`BaseBackend.complete`)."""
         records = self._records()
-        connection = connections[self.alias]
-        if not self._upsert(connection):
+        django_connection = connections[self.alias]
+        if not self._upsert(django_connection):
             updated = records.held_by(claim.scope, claim.key_digest, claim.owner).update(
                 status=Status.CONSUMED,
                 expires_at=NowPlus(claim.record_ttl),
@@ -195,7 +265,9 @@ class DatabaseBackend(TransactionalBackend):
                 result=result,
             )
         else:
-            updated = execute(
+            kept = self._kept.wanted(django_connection)
+            connection = self._kept.get() if kept else django_connection
+            updated = self._execute(
                 connection,
                 self._statement(connection, "complete"),
                 [
@@ -207,7 +279,7 @@ class DatabaseBackend(TransactionalBackend):
                     owner_param(claim.owner, connection),
                 ],
                 fetch=False,
-                prepare=self.prepare_statements,
+                kept=kept,
             )
         if updated:
             return True

@@ -108,8 +108,8 @@ def execute(connection: Any, sql: str, params: list[Any], *, fetch: bool, prepar
     """Run one hot-path statement, prepared on the server where that is possible.
 
     A claim statement takes PostgreSQL about a millisecond to plan; prepared,
-    it is planned once per connection. Returns (row, column names) with
-    *fetch*, else the row count.
+    it is planned once per connection. Returns the first row (a tuple, or None)
+    with *fetch*, else the row count; the caller knows the columns.
     """
     if prepare and connection.vendor == "postgresql":
         connection.ensure_connection()
@@ -122,19 +122,19 @@ def execute(connection: Any, sql: str, params: list[Any], *, fetch: bool, prepar
                 raw.prepare_threshold = 2**31 - 1
             try:
                 with _psycopg.Cursor(raw) as cursor:
-                    cursor.execute(sql.replace("%%", "%"), params, prepare=True)
-                    if not fetch:
-                        return cursor.rowcount
-                    row = cursor.fetchone()
-                    return row, [column.name for column in cursor.description or ()]
+                    cursor.execute(_driver_text(sql), params, prepare=True)
+                    return cursor.fetchone() if fetch else cursor.rowcount
             finally:
                 raw.prepare_threshold = threshold
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        if not fetch:
-            return cursor.rowcount
-        row = cursor.fetchone()
-        return row, [column[0] for column in cursor.description or ()]
+        return cursor.fetchone() if fetch else cursor.rowcount
+
+
+@functools.lru_cache(maxsize=64)
+def _driver_text(sql: str) -> str:
+    """*sql* as the driver's own cursor takes it (Django's cursor un-doubles ``%%`` itself)."""
+    return sql.replace("%%", "%")
 
 
 def transaction_broken(connection: Any) -> bool:

@@ -55,7 +55,10 @@ def claim_sql(
     Parameters: :data:`CLAIM_PARAMETERS`, then the lease (or RECORD_TTL in
     transactional mode) in seconds, then the retention
     (:func:`~dedup_celery.states.retention`),
-    then (PostgreSQL, transactional) the advisory lock key.
+    then (PostgreSQL, transactional) the advisory lock key; then (PostgreSQL,
+    status mode) :data:`GONE_OWNER_SLOTS` times the owner token of a holder
+    known to be gone, or None: its lease counts as expired, so the claim
+    takes over from it in this same statement.
     """
 
     def old(column: str) -> str:
@@ -75,7 +78,11 @@ def claim_sql(
         f"({status} = {q(Status.FAILED)} AND NOT ({expired}) AND "
         f"{old('task_id')} = {new('task_id')} AND {old('attempt')} >= {new('attempt')})"
     )
-    lapsed = f"NOT ({d['mine']}) AND {d['processing']} AND {expired} AND {old('takeovers')}"
+    if vendor == "postgresql" and not transactional:
+        lapsing = f"({expired} OR COALESCE({old('owner')} = %s::uuid, FALSE))"
+    else:
+        lapsing = expired
+    lapsed = f"NOT ({d['mine']}) AND {d['processing']} AND {lapsing} AND {old('takeovers')}"
     d["take"] = f"({lapsed} < {int(max_takeovers)})"
     d["poison"] = f"({lapsed} >= {int(max_takeovers)})"
     d["fresh"] = (
@@ -99,6 +106,45 @@ def claim_sql(
         f"({qn('expires_at')} < {now}) AS {qn('lease_expired')}",
         f"({qn('updated_at')} = {now}) AS {qn('changed_now')}",
     ]
+    return (
+        _insert(vendor, qn, table, transactional=transactional)
+        + " DO UPDATE SET "
+        + ", ".join(assignments)
+        + " RETURNING "
+        + ", ".join(returning)
+    )
+
+
+#: How often the gone owner's token is a parameter of the status-mode claim on
+#: PostgreSQL (the take-over and the poison decisions).
+GONE_OWNER_SLOTS = 2
+#: The columns :func:`claim_sql` returns, in order: the record's, then two flags.
+CLAIM_RETURNING: tuple[str, ...] = (*RECORD_FIELDS, "lease_expired", "changed_now")
+#: The columns :func:`first_claim_sql` returns, in order.
+FIRST_CLAIM_RETURNING: tuple[str, ...] = ("created_at", "expires_at", "purge_after")
+
+
+def first_claim_sql(
+    vendor: str, qn: Callable[[str], str], table: str, *, transactional: bool
+) -> str:
+    """Return the claim of a key that has no record yet: insert, or do nothing.
+
+    It takes the parameters of :func:`claim_sql` and inserts the very row that
+    statement would, but never looks at an existing one, so it is cheaper to
+    run: it returns :data:`FIRST_CLAIM_RETURNING` when it inserted, and no row
+    when a record (or, in transactional mode on PostgreSQL, a copy's open
+    transaction) was there first. Only then does :func:`claim_sql` decide.
+    """
+    return (
+        _insert(vendor, qn, table, transactional=transactional)
+        + " DO NOTHING RETURNING "
+        + ", ".join(qn(c) for c in FIRST_CLAIM_RETURNING)
+    )
+
+
+def _insert(vendor: str, qn: Callable[[str], str], table: str, *, transactional: bool) -> str:
+    """``INSERT … ON CONFLICT (scope, key_digest)``: a claim's new row, up to the action."""
+    now = now_sql(vendor)
     expires, _ = now_plus_sql(vendor, 0)
     store_values = {
         "created_at": now,
@@ -120,10 +166,7 @@ def claim_sql(
         source = f"VALUES ({inserted})"
     return (
         f"INSERT INTO {table} AS r ({', '.join(qn(c) for c in RECORD_FIELDS)}) {source} "
-        f"ON CONFLICT ({qn('scope')}, {qn('key_digest')}) DO UPDATE SET "
-        + ", ".join(assignments)
-        + " RETURNING "
-        + ", ".join(returning)
+        f"ON CONFLICT ({qn('scope')}, {qn('key_digest')})"
     )
 
 
