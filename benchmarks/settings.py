@@ -19,6 +19,9 @@ DATABASES = {
         "USER": "postgres",
     }
 }
+if os.environ.get("DEDUP_BENCH_SQLITE"):
+    # benchmarks/overhead.py stubs the store out and needs no server.
+    DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 CELERY_BROKER_URL = os.environ.get("DEDUP_BENCH_BROKER_URL", "memory://")

@@ -97,8 +97,24 @@ def option_errors(task: Any) -> list[str]:
 def resolve(task: Any) -> TaskOptions:
     """Return *task*'s options over the settings; raise DedupConfigurationError if invalid.
 
-    Options are class attributes, so each task class is validated once per process.
+    Options are class attributes, so each task is validated and resolved once
+    per process and settings generation (a change of ``DEDUP_CELERY`` through
+    Django's ``setting_changed`` starts a new one).
     """
+    conf = get_settings()
+    cached = _RESOLVED.get(id(task))
+    if cached is not None and cached[0] is task and cached[1] is conf:
+        return cached[2]
+    options = _resolve(task, conf)
+    _RESOLVED[id(task)] = (task, conf, options)
+    return options
+
+
+# id(task) -> (task, the settings it was resolved against, its options).
+_RESOLVED: dict[int, tuple[Any, Any, TaskOptions]] = {}
+
+
+def _resolve(task: Any, conf: Any) -> TaskOptions:
     if type(task) not in _VALID_TASK_CLASSES:
         problems = option_errors(task)
         if problems:
@@ -106,7 +122,6 @@ def resolve(task: Any) -> TaskOptions:
                 f"Task {task.name!r} has invalid dedup options: " + "; ".join(problems) + "."
             )
         _VALID_TASK_CLASSES.add(type(task))
-    conf = get_settings()
     limits = {name: getattr(conf, name) for name in _LIMIT_FIELDS}
     for option in SECONDS_OPTIONS:  # dedup_record_ttl overrides record_ttl, and so on
         value = getattr(task, option)
