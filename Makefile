@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed-stamp
 # mysqlclient has no Linux wheel: it builds once the Debian packages are there.
 MYSQL_STAMP := $(VENV)/.mysqlclient-stamp
 
-.PHONY: test demo soak lint tox constraints packages clean bench
+.PHONY: test demo soak lint tox constraints packages clean bench bench-overhead
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,17 @@ constraints: $(STAMP)
 clean:
 	rm -rf $(VENV) .tox build *.egg-info artifacts example_project/var
 
-# Every benchmark in one run (several minutes; not part of CI). See docs/BENCHMARKS.md.
-bench: $(STAMP) packages
+BENCH_STAMP := $(VENV)/.bench-stamp
+
+$(BENCH_STAMP): $(STAMP) benchmarks/requirements.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
+		-c constraints.txt -r benchmarks/requirements.txt
+	touch $(BENCH_STAMP)
+
+# Every benchmark in one run (about half an hour; not part of CI). See docs/BENCHMARKS.md.
+bench: $(STAMP) packages $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
+# DedupTask's own Python per delivery, with the store stubbed out (no server needed).
+bench-overhead: $(STAMP)
+	$(BIN)/python benchmarks/overhead.py $(BENCH_ARGS)

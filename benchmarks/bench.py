@@ -3,15 +3,15 @@
 It starts a throwaway PostgreSQL 15 (default durability: fsync and synchronous
 commit on) and a redis-server on loopback, then measures:
 
-1. end-to-end throughput of a task that writes one row, for plain Celery and
-   DedupTask (status mode, transactional mode, redis backend), in interleaved
-   rounds, with Celery's default Django connection handling and with
-   ``CELERY_DB_REUSE_MAX``; the report gives each variant's median ratio to plain;
-2. the statements each mode costs per message, first delivery and duplicate,
+1. end-to-end throughput and CPU per task against plain Celery, for two bodies,
+   both connection handlings and prefork concurrency 4 and 2, with the peers,
+   in interleaved rounds (:mod:`benchmarks.throughput`);
+2. the floor: raw psycopg and redis-py on one kept connection (:mod:`benchmarks.floor`);
+3. the statements each mode costs per message, first delivery and duplicate,
    read from PostgreSQL's own statement log (BEGIN and COMMIT included) and from
    Redis's command statistics;
-3. claim + complete latency of both backends at 1, 4 and 16 clients;
-4. rows and bytes per record, and purging 1 million expired records while
+4. claim + complete latency of both backends at 1, 4 and 16 clients;
+5. rows and bytes per record, and purging 1 million expired records while
    claims go on, with the slowest claim during the purge.
 
 Results are printed as tables, the throughput chart of docs/BENCHMARKS.md is
@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,11 +37,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks import floor, throughput  # noqa: E402
 from benchmarks.chart import write_chart  # noqa: E402
 from benchmarks.latency import measure, start_redis  # noqa: E402
-from harness.servers import PostgresServer, wait_for  # noqa: E402
+from harness.servers import PostgresServer  # noqa: E402
 
-VARIANTS = ("plain", "status", "transactional", "redis")
 RESULTS = REPO / "artifacts" / "bench" / "results.json"
 CHART = REPO / "docs" / "benchmarks-throughput.svg"
 
@@ -62,122 +61,6 @@ def machine() -> str:
     )
 
 
-class Worker:
-    """A benchmark worker process (prefork, two children)."""
-
-    def __init__(self, name: str, queue: str, env: dict[str, str], log_dir: Path) -> None:
-        self.log_path = log_dir / f"worker-{name}.log"
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "benchmarks.celery_app",
-                "worker",
-                "-P",
-                "prefork",
-                "-c",
-                "2",
-                "-Q",
-                queue,
-                "-n",
-                f"{name}@%h",
-                "-l",
-                "WARNING",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=open(self.log_path, "wb"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def stop(self) -> None:
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-
-def throughput(messages: int, rounds: int, env: dict[str, str], log_dir: Path) -> dict:
-    """Interleaved rounds of every variant; messages per second from row timestamps."""
-    from django.db.models import Max, Min
-
-    from benchmarks.benchapp.models import Row
-    from benchmarks.benchapp.tasks import plain_row, status_row, tx_row
-
-    results: dict[str, dict] = {}
-    for connections_mode in ("default", "reuse"):
-        extra = {"DEDUP_BENCH_DB_REUSE_MAX": "1000000"} if connections_mode == "reuse" else {}
-        db_worker = Worker(f"db-{connections_mode}", "bench-db", {**env, **extra}, log_dir)
-        redis_worker = Worker(
-            f"redis-{connections_mode}",
-            "bench-redis",
-            {**env, **extra, "DEDUP_BENCH_STORE_URL": env["DEDUP_BENCH_BROKER_URL"][:-1] + "1"},
-            log_dir,
-        )
-        tasks = {
-            "plain": (plain_row, "bench-db"),
-            "status": (status_row, "bench-db"),
-            "transactional": (tx_row, "bench-db"),
-            "redis": (status_row, "bench-redis"),
-        }
-        rates: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-        try:
-            warm = f"warm-{connections_mode}"
-            for variant, (task, queue) in tasks.items():
-                for n in range(50):
-                    task.apply_async(args=(f"{warm}-{variant}", 0, n), queue=queue)
-            for variant in VARIANTS:
-                wait_for(
-                    lambda v=variant, w=warm: Row.objects.filter(variant=f"{w}-{v}").count() == 50,
-                    120,
-                    0.2,
-                    "the warm-up",
-                )
-            for round_no in range(rounds):
-                for variant in VARIANTS:
-                    task, queue = tasks[variant]
-                    label = f"{connections_mode}-{variant}"
-                    for n in range(messages):
-                        task.apply_async(args=(label, round_no, n), queue=queue)
-                    rows = Row.objects.filter(variant=label, run=round_no)
-                    wait_for(
-                        lambda rows=rows: rows.count() >= messages,
-                        600,
-                        0.2,
-                        f"{label} round {round_no}",
-                    )
-                    span = rows.aggregate(first=Min("at"), last=Max("at"))
-                    seconds = (span["last"] - span["first"]).total_seconds()
-                    rates[variant].append((messages - 1) / seconds)
-                    print(
-                        f"  {label:<22} round {round_no + 1}: {rates[variant][-1]:7.1f} tasks/s",
-                        flush=True,
-                    )
-        finally:
-            db_worker.stop()
-            redis_worker.stop()
-        ratios = {
-            variant: statistics.median(
-                rate / plain for rate, plain in zip(rates[variant], rates["plain"], strict=True)
-            )
-            for variant in VARIANTS
-        }
-        results[connections_mode] = {
-            "rates": rates,
-            "median_rate": {v: statistics.median(r) for v, r in rates.items()},
-            "median_ratio_to_plain": ratios,
-        }
-    return results
-
-
 def statements(pg: PostgresServer, redis_port: int) -> dict:
     """Statements per message, from PostgreSQL's statement log and Redis's commandstats."""
     import redis as redis_py
@@ -185,7 +68,9 @@ def statements(pg: PostgresServer, redis_port: int) -> dict:
     from django.db import connection
     from django.test import override_settings
 
-    from benchmarks.benchapp.tasks import plain_row, status_row, tx_row
+    from benchmarks.benchapp.tasks import TASKS
+
+    plain_row, status_row, tx_row = (TASKS["row"][v] for v in ("plain", "status", "transactional"))
 
     def run(task, task_id):
         tracer = build_tracer(task.name, task, app=task.app, eager=False, propagate=False)
@@ -355,8 +240,13 @@ def main() -> None:
     parser.add_argument("--purge-pause", type=float, default=0.02)
     parser.add_argument("--latency-seconds", type=float, default=5.0)
     parser.add_argument(
+        "--configs",
+        default="",
+        help="comma-separated throughput configurations, e.g. row-reuse-c4 (default: all)",
+    )
+    parser.add_argument(
         "--parts",
-        default="throughput,statements,latency,purge",
+        default="throughput,floor,statements,latency,purge",
         help="comma-separated parts to run (default: all)",
     )
     args = parser.parse_args()
@@ -399,18 +289,30 @@ def main() -> None:
         call_command("migrate", verbosity=0)
         results: dict = {"machine": machine(), "postgresql": "15, fsync on"}
         print(f"machine: {results['machine']}")
+        results["redis"] = redis_persistence(redis_port)
         parts = set(args.parts.split(","))
         if "throughput" in parts:
-            print("1. throughput (tasks/s, one row per task)")
-            results["throughput"] = throughput(args.messages, args.rounds, env, log_dir)
+            print("1. throughput (tasks/s) and CPU per task")
+            throughput.fill_catalogue()
+            configs = throughput.CONFIGS
+            if args.configs:
+                wanted = set(args.configs.split(","))
+                configs = tuple(c for c in configs if "{}-{}-c{}".format(*c) in wanted)
+            results["throughput"] = throughput.measure(
+                args.messages, args.rounds, env, log_dir, postmaster_pid(pg), redis_process.pid,
+                configs,
+            )  # fmt: skip
+        if "floor" in parts:
+            print("2. the floor (raw psycopg and redis-py, one kept connection)")
+            results["floor"] = floor.measure(pg.port, "bench", redis_port)
         if "statements" in parts:
-            print("2. statements per message")
+            print("3. statements per message")
             results["statements"] = statements(pg, redis_port)
         if "latency" in parts:
-            print("3. claim + complete latency")
+            print("4. claim + complete latency")
             results["latency"] = latency(redis_port, args.latency_seconds)
         if "purge" in parts:
-            print(f"4. purging {args.purge_records} expired records")
+            print(f"5. purging {args.purge_records} expired records")
             results["purge"] = purge(args.purge_records, args.purge_batch, args.purge_pause)
     finally:
         redis_process.terminate()
@@ -423,15 +325,52 @@ def main() -> None:
     report(results)
 
 
+#: The floor operation each variant's added CPU is compared with.
+FLOOR_OF = {
+    "status": "claim_complete",
+    "transactional": "tx_claim",
+    "redis": "redis_claim_complete",
+}
+
+
+def postmaster_pid(pg: PostgresServer) -> int:
+    """The pid of *pg*'s postmaster (first line of postmaster.pid)."""
+    return int((pg.data / "postmaster.pid").read_text().split()[0])
+
+
+def redis_persistence(port: int) -> dict[str, str]:
+    """The Redis server's persistence settings, as the report states them."""
+    import redis as redis_py
+
+    client = redis_py.Redis(port=port)
+    return {name: client.config_get(name)[name] for name in ("appendonly", "appendfsync", "save")}
+
+
 def report(results: dict) -> None:
     """Print the tables BENCHMARKS.md shows."""
     print(f"\nmachine: {results['machine']}")
-    for mode, data in results.get("throughput", {}).items():
-        print(f"\nthroughput, {mode} Django connections (median of rounds):")
-        for variant in VARIANTS:
+    redis = results.get("redis")
+    if redis:
+        print(f"redis-server: appendonly {redis['appendonly']}, appendfsync {redis['appendfsync']}")
+    floors = results.get("floor", {})
+    for name, cost in floors.items():
+        print(
+            f"floor {name:<22} {cost['wall_ms']:.3f} ms wall, CPU {cost['cpu_ms']:.3f} ms "
+            f"(client {cost['client_cpu_ms']:.3f}, server {cost['server_cpu_ms']:.3f})"
+        )
+    for key, data in results.get("throughput", {}).items():
+        print(f"\nthroughput {key} (median of rounds; CPU ms per task, all processes):")
+        plain_cpu = data["cpu_ms_per_task"]["plain"]["total"]
+        for variant, rate in data["median_rate"].items():
+            used = data["cpu_ms_per_task"][variant]
+            added = used["total"] - plain_cpu
+            floor_cost = floors.get(FLOOR_OF.get(variant, ""), {}).get("cpu_ms")
+            multiple = f"  {added / floor_cost:4.1f}x floor" if floor_cost else ""
             print(
-                f"  {variant:<14} {data['median_rate'][variant]:8.1f} tasks/s   "
-                f"ratio to plain {data['median_ratio_to_plain'][variant]:.3f}"
+                f"  {variant:<17} {rate:7.1f}/s  ratio {data['median_ratio_to_plain'][variant]:.3f}"
+                f"  CPU {used['total']:6.2f} (parent {used['worker_parent']:.2f}, children "
+                f"{used['worker_children']:.2f}, pg {used['postgres']:.2f}, redis "
+                f"{used['redis']:.2f})  +{added:5.2f}{multiple}"
             )
     print("\nstatements per message (PostgreSQL log; the body's INSERT included):")
     for name, data in results.get("statements", {}).items():

@@ -1,4 +1,4 @@
-"""The throughput chart of docs/BENCHMARKS.md: each variant's ratio to plain Celery, as SVG.
+"""The throughput chart of docs/BENCHMARKS.md: each variant's ratio to plain Celery (matplotlib).
 
 Drawn from the results of one ``make bench`` run, with that run's machine line,
 so the chart and the tables always come from the same measurement.
@@ -6,56 +6,53 @@ so the chart and the tables always come from the same measurement.
 
 from __future__ import annotations
 
-from html import escape
 from pathlib import Path
 
-MODES = {"default": "Celery's default connection handling", "reuse": "CELERY_DB_REUSE_MAX set"}
-COLOURS = {"status": "#4c72b0", "transactional": "#55a868", "redis": "#c44e52"}
+LABELS = {
+    "plain_atomic": "plain in atomic",
+    "status": "status, db",
+    "transactional": "transactional",
+    "redis": "status, redis",
+    "celery_dedup": "Celery dedup-successful",
+    "celery_once": "celery-once",
+    "celery_singleton": "celery-singleton",
+}
+BODIES = {"row": "one row", "read": "3 reads + 1 row"}
+MODES = {"default": "default close", "reuse": "DB_REUSE_MAX"}
 
 
-def throughput_svg(results: dict) -> str:
-    """Return an SVG bar chart of the median throughput ratio to plain, per connection mode."""
-    width, height, left, top, bar, gap = 720, 300, 60, 40, 70, 60
-    plot_h = height - top - 60
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'font-family="sans-serif" font-size="12">',
-        f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="{left}" y="20" font-size="14">Throughput ratio to plain Celery '
-        f"(median of rounds; 1.0 = plain)</text>",
-    ]
-    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
-        y = top + plot_h * (1 - tick)
-        parts.append(f'<line x1="{left}" x2="{width - 10}" y1="{y:.1f}" y2="{y:.1f}" '
-                     f'stroke="#ddd"/>')  # fmt: skip
-        parts.append(f'<text x="{left - 8}" y="{y + 4:.1f}" text-anchor="end">{tick:.2f}</text>')
-    x = left + 20
-    for mode, label in MODES.items():
-        ratios = results.get("throughput", {}).get(mode, {}).get("median_ratio_to_plain", {})
-        start = x
-        for variant, colour in COLOURS.items():
-            if variant not in ratios:
-                continue
-            ratio = ratios[variant]
-            h = plot_h * min(ratio, 1.1)
-            y = top + plot_h - h
-            parts.append(f'<rect x="{x}" y="{y:.1f}" width="{bar}" height="{h:.1f}" '
-                         f'fill="{colour}"/>')  # fmt: skip
-            parts.append(f'<text x="{x + bar / 2}" y="{y - 4:.1f}" text-anchor="middle">'
-                         f"{ratio:.2f}</text>")  # fmt: skip
-            parts.append(f'<text x="{x + bar / 2}" y="{top + plot_h + 14}" '
-                         f'text-anchor="middle">{variant}</text>')  # fmt: skip
-            x += bar + 6
-        parts.append(f'<text x="{(start + x) / 2}" y="{top + plot_h + 32}" '
-                     f'text-anchor="middle">{escape(label)}</text>')  # fmt: skip
-        x += gap
-    parts.append(f'<text x="{left}" y="{height - 8}" fill="#555">'
-                 f"{escape(str(results.get('machine', '')))}; PostgreSQL "
-                 f"{escape(str(results.get('postgresql', '')))}</text>")  # fmt: skip
-    parts.append("</svg>")
-    return "\n".join(parts) + "\n"
+def config_label(result: dict) -> str:
+    """``one row, DB_REUSE_MAX, c=4`` for a configuration's results."""
+    return f"{BODIES[result['body']]}\n{MODES[result['connections']]}, c={result['concurrency']}"
 
 
 def write_chart(results: dict, path: Path) -> None:
-    """Write the chart for *results* to *path*."""
-    path.write_text(throughput_svg(results))
+    """Draw the median ratio to plain per variant and configuration, as SVG, to *path*."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(results.get("throughput", {}).values())
+    variants = [v for v in LABELS if any(v in c["median_ratio_to_plain"] for c in configs)]
+    fig, ax = plt.subplots(figsize=(12, 5.2))
+    width = 0.8 / max(len(variants), 1)
+    for i, variant in enumerate(variants):
+        xs, ys = [], []
+        for j, config in enumerate(configs):
+            ratio = config["median_ratio_to_plain"].get(variant)
+            if ratio is not None:
+                xs.append(j + (i - (len(variants) - 1) / 2) * width)
+                ys.append(ratio)
+        bars = ax.bar(xs, ys, width, label=LABELS[variant])
+        ax.bar_label(bars, fmt="%.2f", fontsize=6, rotation=90, padding=2)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(configs)), [config_label(c) for c in configs], fontsize=8)
+    ax.set_ylabel("throughput ratio to plain Celery (median of rounds)")
+    ax.set_ylim(0, 1.25)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.16))
+    ax.set_title(f"{results.get('machine', '')}; PostgreSQL {results.get('postgresql', '')}",
+                 fontsize=8)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, format="svg", metadata={"Date": None})
+    plt.close(fig)

@@ -31,6 +31,18 @@ if os.environ.get("DEDUP_BENCH_DB_REUSE_MAX"):
     # Celery's Django fixup then keeps connections open between tasks.
     CELERY_DB_REUSE_MAX = int(os.environ["DEDUP_BENCH_DB_REUSE_MAX"])
 
+# The peers (benchmarks only): celery-once and celery-singleton keep their locks in
+# Redis; Celery's worker_deduplicate_successful_tasks reads the result backend.
+_BROKER = os.environ.get("DEDUP_BENCH_BROKER_URL", "redis://127.0.0.1:6379/0")
+CELERY_ONCE = {
+    "backend": "celery_once.backends.Redis",
+    "settings": {"url": _BROKER[:-1] + "4", "default_timeout": 3600},
+}
+CELERY_SINGLETON_BACKEND_URL = _BROKER[:-1] + "5"
+if os.environ.get("DEDUP_BENCH_RESULTS"):
+    CELERY_RESULT_BACKEND = _BROKER[:-1] + "3"
+    CELERY_WORKER_DEDUPLICATE_SUCCESSFUL_TASKS = True
+
 DEDUP_CELERY = {}
 if os.environ.get("DEDUP_BENCH_STORE_URL"):
     DEDUP_CELERY = {"BACKEND": "redis", "OPTIONS": {"url": os.environ["DEDUP_BENCH_STORE_URL"]}}

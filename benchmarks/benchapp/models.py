@@ -16,3 +16,13 @@ class Row(models.Model):
 
     def __str__(self):
         return f"{self.variant}#{self.run}/{self.n}"
+
+
+class Item(models.Model):
+    """A catalogue the realistic body reads: looked up by its unique ``sku`` three times a task."""
+
+    sku = models.CharField(max_length=40, unique=True)
+    stock = models.IntegerField()
+
+    def __str__(self):
+        return self.sku

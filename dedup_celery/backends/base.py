@@ -166,6 +166,33 @@ def claimant_values(claim: Claim, status: str) -> dict[str, Any]:
     return dict(zip(CLAIMANT_FIELDS, values, strict=True))
 
 
+def first_claim_record(
+    claim: Claim,
+    status: str,
+    created_at: datetime.datetime | None,
+    expires_at: datetime.datetime | None,
+    purge_after: datetime.datetime | None,
+) -> Record:
+    """The record a claim of a key without one wrote, from *claim* and the store's times.
+
+    A store's first claim writes every other field from the claim itself, so it
+    need not read the record back: its counters are zero and it has no result.
+    """
+    values: dict[str, Any] = dict.fromkeys(RECORD_FIELDS)
+    values.update(claimant_values(claim, status))
+    values.update(dict.fromkeys(COUNTERS, 0))
+    values.update(
+        scope=claim.scope,
+        key_digest=claim.key_digest,
+        created_at=created_at,
+        updated_at=created_at,
+        expires_at=expires_at,
+        purge_after=purge_after,
+        consumed_at=created_at if status == Status.CONSUMED else None,
+    )
+    return Record(**values, lease_expired=False)
+
+
 class Verdict(enum.Enum):
     """What a claim found."""
 
@@ -406,5 +433,6 @@ __all__ = [
     "TransactionalClaim",
     "Verdict",
     "claimant_values",
+    "first_claim_record",
     "outcome_for",
 ]

@@ -25,12 +25,13 @@ from dedup_celery.backends.base import (
     TransactionalClaim,
     Verdict,
     claimant_values,
+    first_claim_record,
     outcome_for,
 )
 from dedup_celery.backends.db import sql
 from dedup_celery.backends.db.connection import DRIVER_ERRORS, execute, storage_errors
 from dedup_celery.backends.db.kept import KeptConnection
-from dedup_celery.backends.db.rows import first_record, owner_param, record_from_row
+from dedup_celery.backends.db.rows import owner_param, record_from_row, to_datetime
 from dedup_celery.backends.db.transactional import transactional_block
 from dedup_celery.clock import SUPPORTED_VENDORS, NowPlus, StoreNow, now_plus_sql
 from dedup_celery.conf import get_settings
@@ -142,7 +143,9 @@ class DatabaseBackend(TransactionalBackend):
             first = self._statement(connection, "first_claim", transactional=transactional)
             row = self._execute(connection, first, params, fetch=True, kept=kept)
             if row is not None:
-                return ClaimOutcome(Verdict.CLAIMED, first_record(claim, status.value, row))
+                times = (to_datetime(value) for value in row)  # FIRST_CLAIM_RETURNING
+                record = first_claim_record(claim, status.value, *times)
+                return ClaimOutcome(Verdict.CLAIMED, record)
         # The key has a record (or, transactional, a copy's open transaction): decide on it.
         text = self._statement(
             connection,

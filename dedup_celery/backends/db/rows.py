@@ -11,15 +11,7 @@ from django.conf import settings
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from dedup_celery.backends.base import (
-    CLAIMANT_FIELDS,
-    COUNTERS,
-    FIELD_KINDS,
-    RECORD_FIELDS,
-    Claim,
-    Record,
-    claimant_values,
-)
+from dedup_celery.backends.base import FIELD_KINDS, RECORD_FIELDS, Record
 from dedup_celery.models import DedupRecord
 
 _DATETIME_FIELDS = tuple(name for name in RECORD_FIELDS if FIELD_KINDS[name].startswith("datetime"))
@@ -56,29 +48,3 @@ def record_from_row(row: dict[str, Any]) -> Record:
     lease_expired = row.get("lease_expired")
     lease_expired = None if lease_expired is None else bool(lease_expired)
     return Record(**values, lease_expired=lease_expired)
-
-
-def first_record(claim: Claim, status: str, row: tuple[Any, ...]) -> Record:
-    """The record a first claim inserted, from *claim* and the store's times in *row*.
-
-    *row* holds :data:`~dedup_celery.backends.db.sql.FIRST_CLAIM_RETURNING`:
-    the insert wrote every other field from the claim itself, so nothing more
-    is read back.
-    """
-    created_at, expires_at, purge_after = (to_datetime(value) for value in row)
-    values: dict[str, Any] = dict.fromkeys(RECORD_FIELDS)
-    values.update(claimant_values(claim, status))
-    values.update(dict.fromkeys(COUNTERS, 0))
-    values.update(
-        scope=claim.scope,
-        key_digest=claim.key_digest,
-        created_at=created_at,
-        updated_at=created_at,
-        expires_at=expires_at,
-        purge_after=purge_after,
-        consumed_at=created_at if status == "consumed" else None,
-    )
-    return Record(**values, lease_expired=False)
-
-
-assert set(CLAIMANT_FIELDS) <= set(RECORD_FIELDS)

@@ -39,7 +39,9 @@ from dedup_celery.backends.base import (
     ClaimOutcome,
     OwnerIdentity,
     Record,
+    Verdict,
     claimant_values,
+    first_claim_record,
     outcome_for,
 )
 from dedup_celery.backends.redis.scripts import SCRIPT_NAMES, script_source
@@ -107,6 +109,11 @@ def _pairs(values: dict[str, Any]) -> list[Any]:
 
 def _empty(value: Any) -> bool:
     return value in (None, b"", "")
+
+
+@functools.lru_cache(maxsize=1024)
+def _scope_digest(scope: str) -> str:
+    return hashlib.sha256(scope.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _ms_to_datetime(value: Any) -> datetime.datetime:
@@ -192,8 +199,7 @@ class RedisBackend(BaseBackend):
 
     def redis_key(self, scope: str, key_digest: str) -> str:
         """Return the Redis key of a record: prefix, sha256 of the scope, key digest."""
-        scope_digest = hashlib.sha256(scope.encode("utf-8", "surrogatepass")).hexdigest()
-        return f"{self.key_prefix}{scope_digest}:{key_digest}"
+        return f"{self.key_prefix}{_scope_digest(scope)}:{key_digest}"
 
     def _run(self, name: str, scope: str, key_digest: str, args: list[Any]) -> Any:
         return self._scripts[name](keys=[self.redis_key(scope, key_digest)], args=args)
@@ -229,6 +235,17 @@ class RedisBackend(BaseBackend):
                 *_pairs(claimant_values(claim, Status.PROCESSING.value)),
             ],
         )
+        if len(flat) == 2:  # {"first", now}: the record is what this claim wrote
+            now = int(flat[1])
+            lease = round(claim.lease_seconds * 1000)
+            record = first_claim_record(
+                claim,
+                Status.PROCESSING.value,
+                _ms_to_datetime(now),
+                _ms_to_datetime(now + lease),
+                _ms_to_datetime(now + lease + round(claim.record_ttl * 1000)),
+            )
+            return ClaimOutcome(Verdict.CLAIMED, record)
         changed_now = _text(flat[-1]) == "1"
         record = self._record(flat)
         assert record is not None
@@ -238,9 +255,14 @@ class RedisBackend(BaseBackend):
     def complete(self, claim: Claim, result: Any) -> bool:
         """Mark CONSUMED if *claim* still owns the record (see :meth:`BaseBackend.complete`)."""
         payload = "" if result is None else json.dumps(result, separators=(",", ":"))
-        args = [claim.owner, round(claim.record_ttl * 1000), payload, claim.scope]
-        args += [claim.key_digest, *_pairs(claimant_values(claim, Status.CONSUMED.value))]
-        return bool(self._run("complete", claim.scope, claim.key_digest, args))
+        args: list[Any] = [claim.owner, round(claim.record_ttl * 1000), payload]
+        done = int(self._run("complete", claim.scope, claim.key_digest, args))
+        if done == -1:
+            # The record is gone (purged or released): send what recreates it.
+            args += [claim.scope, claim.key_digest]
+            args += _pairs(claimant_values(claim, Status.CONSUMED.value))
+            done = int(self._run("complete", claim.scope, claim.key_digest, args))
+        return done == 1
 
     @_storage_errors
     def release(self, scope: str, key_digest: str, owner: str, *, expired_only: bool) -> bool:

@@ -3,7 +3,9 @@
 -- ARGV: owner, lease_ms, ttl_ms, max_takeovers, scope, key_digest, then the
 -- claimant's fields as name/value pairs (key, status PROCESSING, owner,
 -- task_id, ... as CLAIMANT_FIELDS in Python lists them).
--- Returns the record's fields, then "now" and "changed" ("1" if this claim poisoned it).
+-- Returns {"first", now} when there was no record (the common case: the caller
+-- knows every field it wrote); otherwise the record's fields, then "now" and
+-- "changed" ("1" if this claim poisoned it).
 local key = KEYS[1]
 local owner = ARGV[1]
 local lease = tonumber(ARGV[2])
@@ -29,6 +31,7 @@ if not current then
   redis.call('HSET', key, 'scope', ARGV[5], 'key_digest', ARGV[6], 'created_at', now,
     'skipped', 0, 'rescheduled', 0)
   own(0)
+  return {'first', now}
 elseif current ~= owner then
   local status = fields[2]
   local expired = tonumber(fields[3]) < now
