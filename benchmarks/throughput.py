@@ -29,8 +29,10 @@ from harness.servers import wait_for
 REPO = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")
 
-#: The variants every configuration runs, then the peers (one-row body only).
+#: The variants every configuration runs, then the floor (connections reused) and
+#: the peers (one-row body only).
 VARIANTS = ("plain", "plain_atomic", "status", "transactional", "redis")
+FLOORS = ("floor_status", "floor_transactional", "floor_redis")
 PEERS = ("celery_dedup", "celery_once", "celery_singleton")
 #: (body, connection handling, concurrency), grouped so the workers start once per handling/c.
 CONFIGS = (
@@ -148,12 +150,13 @@ def task_for(body: str, variant: str):
     return tasks.TASKS[body][variant], queue
 
 
-def variants_for(body: str) -> tuple[str, ...]:
-    """The variants a configuration with *body* runs (the peers run the one-row body)."""
+def variants_for(body: str, mode: str) -> tuple[str, ...]:
+    """The variants of a configuration (the floor with reused connections, peers with one row)."""
     from benchmarks.benchapp import tasks
 
+    floors = FLOORS if mode == "reuse" else ()
     peers = tuple(p for p in PEERS if p in tasks.PEERS) if body == "row" else ()
-    return VARIANTS + peers
+    return VARIANTS + floors + peers
 
 
 def run_round(label: str, body: str, variant: str, run: int, messages: int, procs: Processes):
@@ -200,7 +203,7 @@ def measure(
                 started = (mode, concurrency)
             procs = Processes(postmaster, redis_pid, workers)
             key = f"{body}-{mode}-c{concurrency}"
-            names = variants_for(body)
+            names = variants_for(body, mode)
             print(f"  {key}: {', '.join(names)}", flush=True)
             warm = f"warm-{key}"
             for variant in names:

@@ -24,6 +24,8 @@ def display_key(key: str, limit: int = 255) -> str:
     The exact key is only ever compared through its digest, so this text is for
     people: PostgreSQL cannot store NUL, and a 10 kB key is unreadable anyway.
     """
+    if len(key) <= limit and key.isprintable():
+        return key  # the common case (a task id, a business key), without a copy
     text = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in key)
     if len(text) > limit:
         text = text[: limit - 1] + "…"

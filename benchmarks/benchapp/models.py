@@ -26,3 +26,13 @@ class Item(models.Model):
 
     def __str__(self):
         return self.sku
+
+
+class FloorClaim(models.Model):
+    """The least a message record can be: a key and a status (the floor variants write it)."""
+
+    k = models.CharField(max_length=64, primary_key=True)
+    status = models.CharField(max_length=1)
+
+    def __str__(self):
+        return f"{self.k}: {self.status}"

@@ -7,8 +7,12 @@ unique key. The plain tasks have the delivery settings DedupTask turns on
 measures dedup, not ``acks_late``.
 """
 
+import functools
+import os
+import uuid
+
 from celery import shared_task
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models.functions import Now
 
 from benchmarks.benchapp.models import Item, Row
@@ -33,6 +37,17 @@ def realistic(variant, run, n):
 
 
 BODIES = {"row": one_row, "read": realistic}
+
+FLOOR_CLAIM = "INSERT INTO benchapp_floorclaim (k, status) VALUES (%s, 'p') ON CONFLICT DO NOTHING"
+FLOOR_COMPLETE = "UPDATE benchapp_floorclaim SET status = 'c' WHERE k = %s"
+
+
+@functools.cache
+def floor_redis_client():
+    """The Redis client of the floor_redis variant (the broker's server, a db of its own)."""
+    import redis
+
+    return redis.Redis.from_url(os.environ["DEDUP_BENCH_BROKER_URL"][:-1] + "6")
 
 
 def _make(body_name, body):
@@ -62,7 +77,42 @@ def _make(body_name, body):
     def transactional(variant, run, n):
         body(variant, run, n)
 
-    made.update(plain=plain, plain_atomic=plain_atomic, status=status, transactional=transactional)
+    # The floor: the plain task plus the least each mode must add, as raw statements
+    # on a minimal table: a durable claim before the body and a durable mark after it;
+    # one insert inside the body's transaction; SET NX and SET on Redis.
+    @task(**PLAIN)
+    def floor_status(variant, run, n):
+        key = uuid.uuid4().hex
+        with connection.cursor() as cursor:
+            cursor.execute(FLOOR_CLAIM, [key])
+        body(variant, run, n)
+        with connection.cursor() as cursor:
+            cursor.execute(FLOOR_COMPLETE, [key])
+
+    @task(**PLAIN)
+    def floor_transactional(variant, run, n):
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute(FLOOR_CLAIM, [uuid.uuid4().hex])
+            body(variant, run, n)
+
+    @task(**PLAIN)
+    def floor_redis(variant, run, n):
+        key = uuid.uuid4().hex
+        store = floor_redis_client()
+        store.set(key, "p", nx=True, px=3_600_000)
+        body(variant, run, n)
+        store.set(key, "c", px=3_600_000)
+
+    made.update(
+        plain=plain,
+        plain_atomic=plain_atomic,
+        status=status,
+        transactional=transactional,
+        floor_status=floor_status,
+        floor_transactional=floor_transactional,
+        floor_redis=floor_redis,
+    )
     made["redis"] = status  # the same task, on a worker whose store is Redis
     return made
 

@@ -7,6 +7,7 @@ prepared-statement runner in :mod:`.connection`; this module holds the contract.
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 from contextlib import AbstractContextManager
@@ -81,6 +82,7 @@ class DatabaseBackend(TransactionalBackend):
         # Tests set this to run the portable path on PostgreSQL and SQLite too.
         self._force_generic = False
         self._kept_connection: KeptConnection | None = None
+        self._alias: str | None = None
 
     @property
     def _kept(self) -> KeptConnection:
@@ -96,8 +98,15 @@ class DatabaseBackend(TransactionalBackend):
 
     @property
     def alias(self) -> str:
-        """The database alias the message table lives in."""
-        return message_table_alias(self.database_setting)
+        """The database alias the message table lives in.
+
+        Resolved once per backend: a change of ``DATABASES``, ``DATABASE_ROUTERS``
+        or ``DEDUP_CELERY`` replaces the backend.
+        """
+        alias = self._alias
+        if alias is None:
+            alias = self._alias = message_table_alias(self.database_setting)
+        return alias
 
     def describe(self) -> str:
         """Name the database the records are in."""
@@ -143,9 +152,9 @@ class DatabaseBackend(TransactionalBackend):
             first = self._statement(connection, "first_claim", transactional=transactional)
             row = self._execute(connection, first, params, fetch=True, kept=kept)
             if row is not None:
-                times = (to_datetime(value) for value in row)  # FIRST_CLAIM_RETURNING
-                record = first_claim_record(claim, status.value, *times)
-                return ClaimOutcome(Verdict.CLAIMED, record)
+                return ClaimOutcome(
+                    Verdict.CLAIMED, self._first_record(claim, status, to_datetime(row[0]))
+                )
         # The key has a record (or, transactional, a copy's open transaction): decide on it.
         text = self._statement(
             connection,
@@ -163,6 +172,14 @@ class DatabaseBackend(TransactionalBackend):
         values = dict(zip(sql.CLAIM_RETURNING, row, strict=True))
         changed_now = bool(values.pop("changed_now"))
         return outcome_for(claim, record_from_row(values), changed_now=changed_now)
+
+    @staticmethod
+    def _first_record(claim: Claim, status: Status, now: Any) -> Record:
+        """The record a first claim inserted at the store's *now* (its one returned column)."""
+        seconds = claim.record_ttl if status is Status.CONSUMED else claim.lease_seconds
+        expires = now + datetime.timedelta(seconds=seconds)
+        kept = now + datetime.timedelta(seconds=retention(seconds, claim.record_ttl))
+        return first_claim_record(claim, status.value, now, expires, kept)
 
     @staticmethod
     def _claim_params(

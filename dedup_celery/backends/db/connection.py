@@ -112,18 +112,23 @@ def execute(connection: Any, sql: str, params: list[Any], *, fetch: bool, prepar
     with *fetch*, else the row count; the caller knows the columns.
     """
     if prepare and connection.vendor == "postgresql":
-        connection.ensure_connection()
         raw = connection.connection
+        if raw is None:
+            connection.ensure_connection()
+            raw = connection.connection
         if _psycopg is not None and isinstance(raw, _psycopg.Connection):
+            # One driver cursor per connection, kept on it, so none is made per statement.
+            cursor = getattr(raw, "_dedup_celery_cursor", None)
+            if cursor is None or cursor.closed:
+                cursor = raw._dedup_celery_cursor = _psycopg.Cursor(raw)
             # Django leaves prepare_threshold at None, which makes psycopg ignore
             # prepare=True; lift it for this one statement only.
             threshold = raw.prepare_threshold
             if threshold is None:
                 raw.prepare_threshold = 2**31 - 1
             try:
-                with _psycopg.Cursor(raw) as cursor:
-                    cursor.execute(_driver_text(sql), params, prepare=True)
-                    return cursor.fetchone() if fetch else cursor.rowcount
+                cursor.execute(_driver_text(sql), params, prepare=True)
+                return cursor.fetchone() if fetch else cursor.rowcount
             finally:
                 raw.prepare_threshold = threshold
     with connection.cursor() as cursor:

@@ -120,8 +120,9 @@ def claim_sql(
 GONE_OWNER_SLOTS = 2
 #: The columns :func:`claim_sql` returns, in order: the record's, then two flags.
 CLAIM_RETURNING: tuple[str, ...] = (*RECORD_FIELDS, "lease_expired", "changed_now")
-#: The columns :func:`first_claim_sql` returns, in order.
-FIRST_CLAIM_RETURNING: tuple[str, ...] = ("created_at", "expires_at", "purge_after")
+#: The column :func:`first_claim_sql` returns: the store's "now", from which the
+#: claim's expiry and retention follow (now + the seconds the claim sent).
+FIRST_CLAIM_RETURNING: tuple[str, ...] = ("created_at",)
 
 
 def first_claim_sql(
