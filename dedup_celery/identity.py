@@ -155,7 +155,8 @@ def is_this_process(record: HasIdentity) -> bool:
     )
 
 
-def _green_threads() -> bool:
+def green_threads() -> bool:
+    """True if gevent or eventlet patched threading: then greenlets share the main thread."""
     gevent_monkey = sys.modules.get("gevent.monkey")
     if gevent_monkey is not None and gevent_monkey.is_module_patched("threading"):
         return True
@@ -173,7 +174,7 @@ def earlier_attempt_is_over(record: HasIdentity) -> bool:
     """
     if not pid_takeover() or not is_this_process(record):
         return False
-    if threading.current_thread() is not threading.main_thread() or _green_threads():
+    if threading.current_thread() is not threading.main_thread() or green_threads():
         return False
     with _bodies_lock:
         return _bodies_running == 0

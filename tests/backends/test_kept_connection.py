@@ -22,6 +22,7 @@ from django.test import override_settings
 
 from dedup_celery import DedupTask, get_backend
 from dedup_celery.backends.db import kept as kept_module
+from dedup_celery.exceptions import DedupConfigurationError
 from dedup_celery.models import DedupRecord
 from harness.servers import PostgresServer
 from tests.celery_app import app
@@ -56,9 +57,9 @@ def kept_pid():
     return None if raw is None else raw.info.backend_pid
 
 
-def run(task, *args):
+def run(task, *args, task_id=None):
     tracer = build_tracer(task.name, task, app=task.app, eager=False, propagate=True)
-    task_id = str(uuid.uuid4())
+    task_id = task_id or str(uuid.uuid4())
     request = {
         "id": task_id,
         "retries": 0,
@@ -113,6 +114,19 @@ def test_with_db_reuse_max_django_s_connection_is_used(per_task_close, settings)
         app.conf.CELERY_DB_REUSE_MAX = None
         get_backend()._kept._reuse.clear()
     assert SEEN[-1]["kept"] is None  # no second connection when Django's survives
+
+
+def test_keep_connection_false_runs_everything_on_django_s(per_task_close, settings):
+    settings.DEDUP_CELERY = {"OPTIONS": {"keep_connection": False}}
+    task_id = run(report_pids)
+    assert SEEN[-1]["kept"] is None
+    assert DedupRecord.objects.get(task_id=task_id).status == "consumed"
+
+
+def test_keep_connection_must_be_a_bool(settings):
+    settings.DEDUP_CELERY = {"OPTIONS": {"keep_connection": "yes"}}
+    with pytest.raises(DedupConfigurationError, match=r"keep_connection.*True or False"):
+        get_backend()
 
 
 def test_after_a_fork_the_child_opens_its_own_and_the_parent_s_keeps_working(per_task_close):
@@ -179,12 +193,27 @@ def test_a_server_restart_is_survived(extra_database):
                 server.start()
                 second = run(report_pids, alias)  # the lost session is replaced, once
                 after = SEEN[-1]["kept"]
+                server.stop("fast")
+                server.start()
+                # A duplicate after a restart: the first claim is sent again on a new
+                # session, and the deciding claim runs on that one, counted once.
+                run(report_pids, alias, task_id=first)
+                runs = len(SEEN)
+                sessions = other_sessions(alias)
+                kept_now = kept_pid()
+                with connections[alias].cursor() as cursor:
+                    cursor.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", [kept_now])
+                    deciding = cursor.fetchone()[0]
             finally:
                 task_prerun.disconnect(fixup.on_task_prerun)
                 task_postrun.disconnect(fixup.on_task_postrun)
                 get_backend().close()
             statuses = DedupRecord.objects.using(alias).filter(task_id__in=[first, second])
             assert sorted(statuses.values_list("status", flat=True)) == ["consumed"] * 2
+            assert statuses.get(task_id=first).skipped == 1
+            assert runs == 2  # the duplicate's body did not run
+            assert sessions == {kept_now}  # no session outside the kept one was left open
+            assert "DO UPDATE" in deciding  # the deciding claim ran on the current kept one
         assert None not in (before, after)
         assert before != after
     finally:
@@ -211,13 +240,17 @@ def test_never_off_the_main_thread_or_outside_a_task():
     assert found == [False]
 
 
-def test_pg_stat_activity_shows_one_session_per_process(per_task_close):
-    for _ in range(5):
-        run(report_pids)
-    with connections["default"].cursor() as cursor:
+def other_sessions(alias="default"):
+    """The server pids of the client sessions on *alias*'s database, other than this query's."""
+    with connections[alias].cursor() as cursor:
         cursor.execute(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
             "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
         )
-        others = {row[0] for row in cursor.fetchall()}
-    assert others == {kept_pid()}  # the kept one; nothing leaked per task
+        return {row[0] for row in cursor.fetchall()}
+
+
+def test_pg_stat_activity_shows_one_session_per_process(per_task_close):
+    for _ in range(5):
+        run(report_pids)
+    assert other_sessions() == {kept_pid()}  # the kept one; nothing leaked per task

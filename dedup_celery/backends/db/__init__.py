@@ -60,29 +60,43 @@ class DatabaseBackend(TransactionalBackend):
     transactional mode.
     """
 
-    accepted_options: ClassVar[tuple[str, ...]] = ("prepare_statements",)
+    accepted_options: ClassVar[tuple[str, ...]] = ("prepare_statements", "keep_connection")
     table: ClassVar[str] = DedupRecord._meta.db_table
 
-    def __init__(self, *, database: str | None = None, prepare_statements: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        database: str | None = None,
+        prepare_statements: bool = True,
+        keep_connection: bool = True,
+    ) -> None:
         """Create the backend; no I/O.
 
         *prepare_statements*: on PostgreSQL with psycopg 3, run the claim and the
         complete as server-side prepared statements, planned once per connection.
         Turn it off behind a connection pooler that cannot keep prepared statements
         (PgBouncer before 1.21 in transaction mode).
+
+        *keep_connection*: on PostgreSQL, run status-mode claims and completes on
+        a connection of the backend's own while Celery closes Django's around every
+        task (:mod:`.kept`). False runs every statement on Django's connection.
         """
-        if not isinstance(prepare_statements, bool):
-            raise DedupConfigurationError(
-                "DEDUP_CELERY['OPTIONS']['prepare_statements'] must be True or False."
-            )
+        for name, value in (
+            ("prepare_statements", prepare_statements),
+            ("keep_connection", keep_connection),
+        ):
+            if not isinstance(value, bool):
+                raise DedupConfigurationError(
+                    f"DEDUP_CELERY['OPTIONS']['{name}'] must be True or False, not {value!r}."
+                )
         self.database_setting = database
         self.prepare_statements = prepare_statements
+        self.keep_connection = keep_connection
         # SQL text per (vendor, statement, ...); built lazily because __init__ does no I/O.
         self._sql: dict[tuple[Any, ...], str] = {}
         # Tests set this to run the portable path on PostgreSQL and SQLite too.
         self._force_generic = False
         self._kept_connection: KeptConnection | None = None
-        self._alias: str | None = None
 
     @property
     def _kept(self) -> KeptConnection:
@@ -98,15 +112,8 @@ class DatabaseBackend(TransactionalBackend):
 
     @property
     def alias(self) -> str:
-        """The database alias the message table lives in.
-
-        Resolved once per backend: a change of ``DATABASES``, ``DATABASE_ROUTERS``
-        or ``DEDUP_CELERY`` replaces the backend.
-        """
-        alias = self._alias
-        if alias is None:
-            alias = self._alias = message_table_alias(self.database_setting)
-        return alias
+        """The database alias the message table lives in (asked of the routers every time)."""
+        return message_table_alias(self.database_setting)
 
     def describe(self) -> str:
         """Name the database the records are in."""
@@ -142,7 +149,9 @@ class DatabaseBackend(TransactionalBackend):
         django_connection = connections[self.alias]
         if not self._upsert(django_connection):
             return self._records().claim_portable(claim, transactional=transactional)
-        kept = not transactional and self._kept.wanted(django_connection)
+        kept = not transactional and self._use_kept(django_connection)
+        # The kept wrapper builds the statement and its parameters; _execute sends it on
+        # whichever kept connection is current (a lost one is replaced there).
         connection = self._kept.get() if kept else django_connection
         vendor = connection.vendor
         status = Status.CONSUMED if transactional else Status.PROCESSING
@@ -150,7 +159,7 @@ class DatabaseBackend(TransactionalBackend):
         if gone_owner is None:
             # A key's first delivery is the common case: insert, or do nothing.
             first = self._statement(connection, "first_claim", transactional=transactional)
-            row = self._execute(connection, first, params, fetch=True, kept=kept)
+            row = self._execute(connection, first, params, fetch=True, kept=kept, resend=True)
             if row is not None:
                 return ClaimOutcome(
                     Verdict.CLAIMED, self._first_record(claim, status, to_datetime(row[0]))
@@ -166,7 +175,9 @@ class DatabaseBackend(TransactionalBackend):
         if vendor == "postgresql" and not transactional:
             gone = None if gone_owner is None else owner_param(gone_owner, connection)
             params += [gone] * sql.GONE_OWNER_SLOTS
-        row = self._execute(connection, text, params, fetch=True, kept=kept)
+        # Not sent again after a lost connection: a duplicate it counted, or a poisoning
+        # it did, would be counted twice, and the poisoning seen as someone else's.
+        row = self._execute(connection, text, params, fetch=True, kept=kept, resend=False)
         if row is None:
             return ClaimOutcome(verdict=Verdict.IN_FLIGHT, record=None)
         values = dict(zip(sql.CLAIM_RETURNING, row, strict=True))
@@ -198,22 +209,32 @@ class DatabaseBackend(TransactionalBackend):
         return params
 
     def _execute(
-        self, connection: Any, text: str, params: list[Any], *, fetch: bool, kept: bool
+        self,
+        connection: Any,
+        text: str,
+        params: list[Any],
+        *,
+        fetch: bool,
+        kept: bool,
+        resend: bool = False,
     ) -> Any:
-        """Run a hot-path statement; on the kept connection, once more if the connection was lost.
+        """Run a hot-path statement on *connection*, or with *kept* on the current kept one.
 
-        Sending it again is safe: every statement sent this way is conditioned
-        on the owner token, and a claim that finds its own token reports it as
-        its own.
+        With *resend*, a statement whose kept connection was lost is sent once
+        more on a new one. Only statements that a replay cannot change are sent
+        so: the first claim and the complete are conditioned on this delivery's
+        owner token, and find their own write if the first send committed.
         """
+        prepare = self.prepare_statements
         if not kept:
-            return execute(connection, text, params, fetch=fetch, prepare=self.prepare_statements)
+            return execute(connection, text, params, fetch=fetch, prepare=prepare)
+        current = self._kept.get()
         try:
-            return execute(connection, text, params, fetch=fetch, prepare=self.prepare_statements)
+            return execute(current, text, params, fetch=fetch, prepare=prepare)
         except DRIVER_ERRORS as exc:
-            if not self._kept.usable_after(exc):
+            if not self._kept.usable_after(current, exc) or not resend:
                 raise
-        return execute(self._kept.get(), text, params, fetch=fetch, prepare=self.prepare_statements)
+        return execute(self._kept.get(), text, params, fetch=fetch, prepare=prepare)
 
     @storage_errors
     def claim(self, claim: Claim) -> ClaimOutcome:
@@ -231,6 +252,9 @@ class DatabaseBackend(TransactionalBackend):
         ):
             return super().take_over(claim, gone_owner)
         return self._claim(claim, transactional=False, gone_owner=gone_owner)
+
+    def _use_kept(self, django_connection: Any) -> bool:
+        return self.keep_connection and self._kept.wanted(django_connection)
 
     def close(self) -> None:
         """Close the backend's kept connection (:mod:`.kept`); Django's are Django's to close."""
@@ -285,7 +309,7 @@ class DatabaseBackend(TransactionalBackend):
                 result=result,
             )
         else:
-            kept = self._kept.wanted(django_connection)
+            kept = self._use_kept(django_connection)
             connection = self._kept.get() if kept else django_connection
             updated = self._execute(
                 connection,
@@ -300,6 +324,7 @@ class DatabaseBackend(TransactionalBackend):
                 ],
                 fetch=False,
                 kept=kept,
+                resend=True,
             )
         if updated:
             return True

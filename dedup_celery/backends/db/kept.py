@@ -13,12 +13,17 @@ It is used only where it cannot leak or be shared:
 
 * in a worker, inside a delivery that is not eager, on the process's main
   thread (prefork and solo pools); the worker's main process, heartbeat and
-  retry threads, and the threads and green pools use Django's connection;
+  retry threads, and the threads and green pools (gevent, eventlet) use
+  Django's connection;
 * outside an atomic block on the alias;
 * only when Celery closes Django's connection per task: with
   ``CELERY_DB_REUSE_MAX`` set, Django's connection already survives and is
   used, so a well-run deployment pays one connection per process, not two;
-* on PostgreSQL, where a new session costs the most.
+* on PostgreSQL, where a new session costs the most;
+* unless ``DEDUP_CELERY['OPTIONS']['keep_connection']`` is False: turn it off
+  where the message table depends on state set on Django's connection (a
+  schema-per-tenant engine's ``search_path``), or where a pooler in session
+  mode cannot spare one server connection per worker process.
 
 After a fork the child never uses, or closes, the connection it inherited
 (closing it would send the server a Terminate on the parent's socket): its
@@ -38,6 +43,8 @@ from typing import Any
 from celery._state import get_current_task
 from django.db import connections
 from django.db.utils import load_backend
+
+from dedup_celery.identity import green_threads
 
 # Every kept connection of this process, so a fork can abandon them all.
 _ALL: weakref.WeakSet[KeptConnection] = weakref.WeakSet()
@@ -66,7 +73,7 @@ class KeptConnection:
         """True if this statement should run on the kept connection rather than Django's."""
         if django_connection.in_atomic_block or django_connection.vendor != "postgresql":
             return False
-        if threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread() or green_threads():
             return False
         task = get_current_task()
         if task is None or task.request.is_eager or task.request.called_directly:
@@ -95,17 +102,18 @@ class KeptConnection:
         self._pid = os.getpid()
         return self._wrapper
 
-    def usable_after(self, error: BaseException) -> bool:
-        """Drop the connection if *error* broke it; True if the statement may be sent again.
+    def usable_after(self, failed: Any, error: BaseException) -> bool:
+        """Drop the connection *failed* after *error*; True if the connection was lost.
 
         A statement that failed because the connection was lost (the server
-        restarted, or closed an idle session) is retried once on a new
-        connection; any other error drops the connection and is raised.
+        restarted, or closed an idle session) may be sent once more on a new
+        connection; after any other error the connection is dropped too, and
+        the error is raised.
         """
-        wrapper = self._wrapper
-        raw = getattr(wrapper, "connection", None)
+        raw = getattr(failed, "connection", None)
         lost = raw is None or bool(getattr(raw, "broken", False) or getattr(raw, "closed", False))
-        self.close()
+        if failed is self._wrapper:
+            self.close()
         return lost
 
     def close(self) -> None:

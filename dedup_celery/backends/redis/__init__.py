@@ -255,14 +255,11 @@ class RedisBackend(BaseBackend):
     def complete(self, claim: Claim, result: Any) -> bool:
         """Mark CONSUMED if *claim* still owns the record (see :meth:`BaseBackend.complete`)."""
         payload = "" if result is None else json.dumps(result, separators=(",", ":"))
-        args: list[Any] = [claim.owner, round(claim.record_ttl * 1000), payload]
-        done = int(self._run("complete", claim.scope, claim.key_digest, args))
-        if done == -1:
-            # The record is gone (purged or released): send what recreates it.
-            args += [claim.scope, claim.key_digest]
-            args += _pairs(claimant_values(claim, Status.CONSUMED.value))
-            done = int(self._run("complete", claim.scope, claim.key_digest, args))
-        return done == 1
+        # The claimant goes along every time: a record that is gone is recreated in
+        # this same script, so no copy can claim it between two calls.
+        args = [claim.owner, round(claim.record_ttl * 1000), payload, claim.scope]
+        args += [claim.key_digest, *_pairs(claimant_values(claim, Status.CONSUMED.value))]
+        return bool(self._run("complete", claim.scope, claim.key_digest, args))
 
     @_storage_errors
     def release(self, scope: str, key_digest: str, owner: str, *, expired_only: bool) -> bool:

@@ -1,9 +1,8 @@
 -- Mark the record CONSUMED if the owner still holds it; recreate it if it is gone.
 -- KEYS[1]: the record.
--- ARGV: owner, ttl_ms, result (JSON, or "" for none); then, to recreate a record
--- that is gone, scope, key_digest and the claimant's fields as name/value pairs.
--- Returns 1, or 0 when another owner holds the record, or -1 when the record is
--- gone and the call did not send what recreates it (the caller sends it then).
+-- ARGV: owner, ttl_ms, result (JSON, or "" for none), scope, key_digest, then
+-- the claimant's fields as name/value pairs (to recreate a record that is gone).
+-- Returns 1, or 0 when another owner holds the record.
 local key = KEYS[1]
 local ttl = tonumber(ARGV[2])
 local current = redis.call('HGET', key, 'owner')
@@ -11,9 +10,6 @@ if current and current ~= ARGV[1] then
   return 0
 end
 if not current then
-  if #ARGV < 6 then
-    return -1
-  end
   redis.call('DEL', key)
   redis.call('HSET', key, unpack(ARGV, 6))
   redis.call('HSET', key, 'scope', ARGV[4], 'key_digest', ARGV[5], 'created_at', now,
