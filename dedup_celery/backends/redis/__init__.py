@@ -247,9 +247,9 @@ class RedisBackend(BaseBackend):
             )
             return ClaimOutcome(Verdict.CLAIMED, record)
         changed_now = _text(flat[-1]) == "1"
-        record = self._record(flat)
-        assert record is not None
-        return outcome_for(claim, record, changed_now=changed_now)
+        found = self._record(flat)
+        assert found is not None
+        return outcome_for(claim, found, changed_now=changed_now)
 
     @_storage_errors
     def complete(self, claim: Claim, result: Any) -> bool:
