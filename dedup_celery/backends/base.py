@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 
 from dedup_celery.identity import OwnerIdentity
 from dedup_celery.keys import display_key
-from dedup_celery.states import Status
+from dedup_celery.states import Status, retention
 
 
 @dataclass(frozen=True)
@@ -166,29 +166,30 @@ def claimant_values(claim: Claim, status: str) -> dict[str, Any]:
     return dict(zip(CLAIMANT_FIELDS, values, strict=True))
 
 
-def first_claim_record(
-    claim: Claim,
-    status: str,
-    created_at: datetime.datetime | None,
-    expires_at: datetime.datetime | None,
-    purge_after: datetime.datetime | None,
-) -> Record:
-    """The record a claim of a key without one wrote, from *claim* and the store's times.
+def first_claim_record(claim: Claim, status: str, now: datetime.datetime | None) -> Record:
+    """The record a claim of a key without one wrote at the store's *now*.
 
     A store's first claim writes every other field from the claim itself, so it
-    need not read the record back: its counters are zero and it has no result.
+    need not read the record back: its counters are zero, it has no result, and
+    it expires after the lease (RECORD_TTL for a transactional CONSUMED record),
+    to be kept for :func:`~dedup_celery.states.retention` of that.
     """
+    seconds = claim.record_ttl if status == Status.CONSUMED else claim.lease_seconds
+    expires_at = purge_after = None
+    if now is not None:
+        expires_at = now + datetime.timedelta(seconds=seconds)
+        purge_after = now + datetime.timedelta(seconds=retention(seconds, claim.record_ttl))
     values: dict[str, Any] = dict.fromkeys(RECORD_FIELDS)
     values.update(claimant_values(claim, status))
     values.update(dict.fromkeys(COUNTERS, 0))
     values.update(
         scope=claim.scope,
         key_digest=claim.key_digest,
-        created_at=created_at,
-        updated_at=created_at,
+        created_at=now,
+        updated_at=now,
         expires_at=expires_at,
         purge_after=purge_after,
-        consumed_at=created_at if status == Status.CONSUMED else None,
+        consumed_at=now if status == Status.CONSUMED else None,
     )
     return Record(**values, lease_expired=False)
 

@@ -50,9 +50,15 @@ def claim_inside_atomic(self, key):
         transaction.set_rollback(True)
 
 
+def kept_connection():
+    """The backend's kept connection object (open or not)."""
+    backend = get_backend()
+    return backend._kept_for(backend.alias)
+
+
 def kept_pid():
     """The server pid of the backend's kept connection, or None if it has none open."""
-    wrapper = get_backend()._kept._wrapper
+    wrapper = kept_connection()._wrapper
     raw = getattr(wrapper, "connection", None)
     return None if raw is None else raw.info.backend_pid
 
@@ -108,11 +114,11 @@ def test_the_kept_connection_outlives_the_per_task_close(per_task_close):
 def test_with_db_reuse_max_django_s_connection_is_used(per_task_close, settings):
     app.conf.CELERY_DB_REUSE_MAX = 1000
     try:
-        get_backend()._kept._reuse.clear()
+        kept_connection()._reuse.clear()
         run(report_pids)
     finally:
         app.conf.CELERY_DB_REUSE_MAX = None
-        get_backend()._kept._reuse.clear()
+        kept_connection()._reuse.clear()
     assert SEEN[-1]["kept"] is None  # no second connection when Django's survives
 
 
@@ -231,7 +237,7 @@ def test_never_inside_an_atomic_block(per_task_close):
 
 def test_never_off_the_main_thread_or_outside_a_task():
     django_connection = connections["default"]
-    kept = get_backend()._kept
+    kept = kept_connection()
     assert not kept.wanted(django_connection)  # no task is running
     found = []
     thread = threading.Thread(target=lambda: found.append(kept.wanted(django_connection)))

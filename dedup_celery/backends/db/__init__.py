@@ -7,7 +7,6 @@ prepared-statement runner in :mod:`.connection`; this module holds the contract.
 
 from __future__ import annotations
 
-import datetime
 import json
 import time
 from contextlib import AbstractContextManager
@@ -30,7 +29,7 @@ from dedup_celery.backends.base import (
     outcome_for,
 )
 from dedup_celery.backends.db import sql
-from dedup_celery.backends.db.connection import DRIVER_ERRORS, execute, storage_errors
+from dedup_celery.backends.db.connection import execute, storage_errors
 from dedup_celery.backends.db.kept import KeptConnection
 from dedup_celery.backends.db.rows import owner_param, record_from_row, to_datetime
 from dedup_celery.backends.db.transactional import transactional_block
@@ -98,14 +97,13 @@ class DatabaseBackend(TransactionalBackend):
         self._force_generic = False
         self._kept_connection: KeptConnection | None = None
 
-    @property
-    def _kept(self) -> KeptConnection:
-        """The kept connection (:mod:`.kept`), for the alias as it is at first use."""
+    def _kept_for(self, alias: str) -> KeptConnection:
+        """The kept connection (:mod:`.kept`) to *alias*, replaced when the alias changes."""
         kept = self._kept_connection
-        if kept is None or kept.alias != self.alias:
+        if kept is None or kept.alias != alias:
             if kept is not None:
                 kept.close()
-            kept = self._kept_connection = KeptConnection(self.alias)
+            kept = self._kept_connection = KeptConnection(alias)
         return kept
 
     # -- where and how -------------------------------------------------------------
@@ -146,14 +144,10 @@ class DatabaseBackend(TransactionalBackend):
     def _claim(
         self, claim: Claim, *, transactional: bool, gone_owner: str | None = None
     ) -> ClaimOutcome:
-        django_connection = connections[self.alias]
-        if not self._upsert(django_connection):
+        connection = connections[self.alias]
+        if not self._upsert(connection):
             return self._records().claim_portable(claim, transactional=transactional)
-        kept = not transactional and self._use_kept(django_connection)
-        # The kept wrapper builds the statement and its parameters; _execute sends it on
-        # whichever kept connection is current (a lost one is replaced there).
-        connection = self._kept.get() if kept else django_connection
-        vendor = connection.vendor
+        kept = not transactional and self._use_kept(connection)
         status = Status.CONSUMED if transactional else Status.PROCESSING
         params = self._claim_params(claim, connection, status, transactional=transactional)
         if gone_owner is None:
@@ -161,9 +155,8 @@ class DatabaseBackend(TransactionalBackend):
             first = self._statement(connection, "first_claim", transactional=transactional)
             row = self._execute(connection, first, params, fetch=True, kept=kept, resend=True)
             if row is not None:
-                return ClaimOutcome(
-                    Verdict.CLAIMED, self._first_record(claim, status, to_datetime(row[0]))
-                )
+                record = first_claim_record(claim, status.value, to_datetime(row[0]))
+                return ClaimOutcome(Verdict.CLAIMED, record)
         # The key has a record (or, transactional, a copy's open transaction): decide on it.
         text = self._statement(
             connection,
@@ -172,7 +165,7 @@ class DatabaseBackend(TransactionalBackend):
             max_takeovers=claim.max_takeovers,
             record_ttl=claim.record_ttl,
         )
-        if vendor == "postgresql" and not transactional:
+        if connection.vendor == "postgresql" and not transactional:
             gone = None if gone_owner is None else owner_param(gone_owner, connection)
             params += [gone] * sql.GONE_OWNER_SLOTS
         # Not sent again after a lost connection: a duplicate it counted, or a poisoning
@@ -183,14 +176,6 @@ class DatabaseBackend(TransactionalBackend):
         values = dict(zip(sql.CLAIM_RETURNING, row, strict=True))
         changed_now = bool(values.pop("changed_now"))
         return outcome_for(claim, record_from_row(values), changed_now=changed_now)
-
-    @staticmethod
-    def _first_record(claim: Claim, status: Status, now: Any) -> Record:
-        """The record a first claim inserted at the store's *now* (its one returned column)."""
-        seconds = claim.record_ttl if status is Status.CONSUMED else claim.lease_seconds
-        expires = now + datetime.timedelta(seconds=seconds)
-        kept = now + datetime.timedelta(seconds=retention(seconds, claim.record_ttl))
-        return first_claim_record(claim, status.value, now, expires, kept)
 
     @staticmethod
     def _claim_params(
@@ -218,23 +203,17 @@ class DatabaseBackend(TransactionalBackend):
         kept: bool,
         resend: bool = False,
     ) -> Any:
-        """Run a hot-path statement on *connection*, or with *kept* on the current kept one.
+        """Run a hot-path statement on Django's *connection*, or with *kept* on the kept one.
 
-        With *resend*, a statement whose kept connection was lost is sent once
-        more on a new one. Only statements that a replay cannot change are sent
-        so: the first claim and the complete are conditioned on this delivery's
-        owner token, and find their own write if the first send committed.
+        Both are connections to one alias with one engine, so the statement and
+        its parameters built for either fit the other. *resend*: see
+        :meth:`.kept.KeptConnection.execute`.
         """
-        prepare = self.prepare_statements
-        if not kept:
-            return execute(connection, text, params, fetch=fetch, prepare=prepare)
-        current = self._kept.get()
-        try:
-            return execute(current, text, params, fetch=fetch, prepare=prepare)
-        except DRIVER_ERRORS as exc:
-            if not self._kept.usable_after(current, exc) or not resend:
-                raise
-        return execute(self._kept.get(), text, params, fetch=fetch, prepare=prepare)
+        if kept:
+            return self._kept_for(connection.alias).execute(
+                text, params, fetch=fetch, prepare=self.prepare_statements, resend=resend
+            )
+        return execute(connection, text, params, fetch=fetch, prepare=self.prepare_statements)
 
     @storage_errors
     def claim(self, claim: Claim) -> ClaimOutcome:
@@ -254,11 +233,14 @@ class DatabaseBackend(TransactionalBackend):
         return self._claim(claim, transactional=False, gone_owner=gone_owner)
 
     def _use_kept(self, django_connection: Any) -> bool:
-        return self.keep_connection and self._kept.wanted(django_connection)
+        return self.keep_connection and self._kept_for(django_connection.alias).wanted(
+            django_connection
+        )
 
     def close(self) -> None:
         """Close the backend's kept connection (:mod:`.kept`); Django's are Django's to close."""
-        self._kept.close()
+        if self._kept_connection is not None:
+            self._kept_connection.close()
 
     def claim_in_transaction(self, claim: Claim) -> ClaimOutcome:
         """Insert a CONSUMED record in the open transaction, or count the duplicate."""
@@ -299,8 +281,8 @@ class DatabaseBackend(TransactionalBackend):
     def complete(self, claim: Claim, result: Any) -> bool:
         """Mark the record CONSUMED if *claim* still owns it (see :meth:`BaseBackend.complete`)."""
         records = self._records()
-        django_connection = connections[self.alias]
-        if not self._upsert(django_connection):
+        connection = connections[self.alias]
+        if not self._upsert(connection):
             updated = records.held_by(claim.scope, claim.key_digest, claim.owner).update(
                 status=Status.CONSUMED,
                 expires_at=NowPlus(claim.record_ttl),
@@ -309,8 +291,6 @@ class DatabaseBackend(TransactionalBackend):
                 result=result,
             )
         else:
-            kept = self._use_kept(django_connection)
-            connection = self._kept.get() if kept else django_connection
             updated = self._execute(
                 connection,
                 self._statement(connection, "complete"),
@@ -323,7 +303,7 @@ class DatabaseBackend(TransactionalBackend):
                     owner_param(claim.owner, connection),
                 ],
                 fetch=False,
-                kept=kept,
+                kept=self._use_kept(connection),
                 resend=True,
             )
         if updated:

@@ -44,6 +44,7 @@ from celery._state import get_current_task
 from django.db import connections
 from django.db.utils import load_backend
 
+from dedup_celery.backends.db.connection import DRIVER_ERRORS, execute
 from dedup_celery.identity import green_threads
 
 # Every kept connection of this process, so a fork can abandon them all.
@@ -51,10 +52,8 @@ _ALL: weakref.WeakSet[KeptConnection] = weakref.WeakSet()
 
 
 def _reuse_configured(app: Any) -> bool:
-    """True if Celery's Django fixup keeps Django's connections open (``CELERY_DB_REUSE_MAX``)."""
-    conf = app.conf
-    value = conf.get("CELERY_DB_REUSE_MAX") or conf.get("DB_REUSE_MAX")
-    return bool(value)
+    """True if Celery's Django fixup keeps Django's connections open: the setting it reads."""
+    return bool(app.conf.get("CELERY_DB_REUSE_MAX"))
 
 
 class KeptConnection:
@@ -102,28 +101,37 @@ class KeptConnection:
         self._pid = os.getpid()
         return self._wrapper
 
-    def usable_after(self, failed: Any, error: BaseException) -> bool:
-        """Drop the connection *failed* after *error*; True if the connection was lost.
+    def execute(
+        self, text: str, params: list[Any], *, fetch: bool, prepare: bool, resend: bool
+    ) -> Any:
+        """Run a statement on the kept connection (see :func:`.connection.execute`).
 
-        A statement that failed because the connection was lost (the server
-        restarted, or closed an idle session) may be sent once more on a new
-        connection; after any other error the connection is dropped too, and
-        the error is raised.
+        After any error the connection is dropped. With *resend*, a statement
+        that failed because the connection was lost (the server restarted, or
+        closed an idle session) is sent once more on a new one. Only statements
+        a replay cannot change are sent so: the first claim and the complete are
+        conditioned on this delivery's owner token, and find their own write if
+        the first send committed.
         """
-        raw = getattr(failed, "connection", None)
-        lost = raw is None or bool(getattr(raw, "broken", False) or getattr(raw, "closed", False))
-        if failed is self._wrapper:
+        current = self.get()
+        try:
+            return execute(current, text, params, fetch=fetch, prepare=prepare)
+        except DRIVER_ERRORS:
+            raw = current.connection
+            lost = raw is None or bool(
+                getattr(raw, "broken", False) or getattr(raw, "closed", False)
+            )
             self.close()
-        return lost
+            if not (lost and resend):
+                raise
+        return execute(self.get(), text, params, fetch=fetch, prepare=prepare)
 
     def close(self) -> None:
         """Close and forget the connection (from any thread; a fork's copy is only abandoned)."""
+        if self._wrapper is not None and self._pid != os.getpid():
+            self._abandon()
         wrapper, self._wrapper = self._wrapper, None
         if wrapper is None:
-            return
-        if self._pid != os.getpid():
-            self._wrapper = wrapper
-            self._abandon()
             return
         raw, wrapper.connection = wrapper.connection, None
         if raw is not None:
@@ -162,8 +170,7 @@ def close_all() -> None:
 
 def _after_fork_in_child() -> None:
     for kept in list(_ALL):
-        if kept._wrapper is not None:
-            kept._abandon()
+        kept._abandon()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

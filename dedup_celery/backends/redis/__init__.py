@@ -236,15 +236,7 @@ class RedisBackend(BaseBackend):
             ],
         )
         if len(flat) == 2:  # {"first", now}: the record is what this claim wrote
-            now = int(flat[1])
-            lease = round(claim.lease_seconds * 1000)
-            record = first_claim_record(
-                claim,
-                Status.PROCESSING.value,
-                _ms_to_datetime(now),
-                _ms_to_datetime(now + lease),
-                _ms_to_datetime(now + lease + round(claim.record_ttl * 1000)),
-            )
+            record = first_claim_record(claim, Status.PROCESSING.value, _ms_to_datetime(flat[1]))
             return ClaimOutcome(Verdict.CLAIMED, record)
         changed_now = _text(flat[-1]) == "1"
         found = self._record(flat)
