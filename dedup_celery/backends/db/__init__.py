@@ -8,12 +8,13 @@ prepared-statement runner in :mod:`.connection`; this module holds the contract.
 from __future__ import annotations
 
 import json
+import random
 import time
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
 from django.core import checks
-from django.db import IntegrityError, connections, router, transaction
+from django.db import IntegrityError, OperationalError, connections, router, transaction
 from django.db.models import F
 
 from dedup_celery.backends.base import (
@@ -29,7 +30,7 @@ from dedup_celery.backends.base import (
     outcome_for,
 )
 from dedup_celery.backends.db import sql
-from dedup_celery.backends.db.connection import execute, storage_errors
+from dedup_celery.backends.db.connection import execute, is_deadlock, storage_errors
 from dedup_celery.backends.db.kept import KeptConnection
 from dedup_celery.backends.db.rows import owner_param, record_from_row, to_datetime
 from dedup_celery.backends.db.transactional import transactional_block
@@ -38,6 +39,9 @@ from dedup_celery.conf import get_settings
 from dedup_celery.exceptions import DedupConfigurationError
 from dedup_celery.models import DedupRecord
 from dedup_celery.states import Status, retention
+
+#: How often a status-mode portable claim (MySQL, MariaDB) that lost a deadlock runs again.
+PORTABLE_DEADLOCK_RETRIES = 5
 
 # Vendors that run the one-statement claim; the others take the portable path.
 _UPSERT_VENDORS = ("postgresql", "sqlite")
@@ -146,7 +150,7 @@ class DatabaseBackend(TransactionalBackend):
     ) -> ClaimOutcome:
         connection = connections[self.alias]
         if not self._upsert(connection):
-            return self._records().claim_portable(claim, transactional=transactional)
+            return self._claim_portable(claim, connection, transactional=transactional)
         kept = not transactional and self._use_kept(connection)
         status = Status.CONSUMED if transactional else Status.PROCESSING
         params = self._claim_params(claim, connection, status, transactional=transactional)
@@ -176,6 +180,33 @@ class DatabaseBackend(TransactionalBackend):
         values = dict(zip(sql.CLAIM_RETURNING, row, strict=True))
         changed_now = bool(values.pop("changed_now"))
         return outcome_for(claim, record_from_row(values), changed_now=changed_now)
+
+    def _claim_portable(
+        self, claim: Claim, connection: Any, *, transactional: bool
+    ) -> ClaimOutcome:
+        """The portable claim (:mod:`dedup_celery.managers`), run again after a deadlock.
+
+        Copies that insert and count one key at once can deadlock on InnoDB's
+        unique index. In status mode each of the portable claim's statements is a
+        transaction of its own and every one is conditioned on the row's state,
+        so the victim runs the claim again. Inside a transaction (transactional
+        mode, or a caller's atomic block) InnoDB rolled all of it back, so the
+        error goes up (the delivery is rescheduled).
+        """
+        records = self._records()
+        for attempt in range(PORTABLE_DEADLOCK_RETRIES + 1):
+            try:
+                return records.claim_portable(claim, transactional=transactional)
+            except OperationalError as exc:
+                if (
+                    transactional
+                    or connection.in_atomic_block
+                    or not is_deadlock(exc)
+                    or attempt == PORTABLE_DEADLOCK_RETRIES
+                ):
+                    raise
+                time.sleep(random.uniform(0, 0.01 * (attempt + 1)))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
     def _claim_params(

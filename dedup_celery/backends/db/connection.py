@@ -51,6 +51,20 @@ def is_refusal(exc: BaseException) -> bool:
     return False
 
 
+#: MySQL/MariaDB's "Deadlock found when trying to get lock": InnoDB rolled the
+#: victim's transaction back, and a new one may succeed.
+MYSQL_DEADLOCK_ERRNO = 1213
+
+
+def is_deadlock(exc: BaseException) -> bool:
+    """True if *exc* is MySQL/MariaDB's deadlock error (by its number, never by its text)."""
+    for error in (exc, exc.__cause__):
+        args = getattr(error, "args", None) or (None,)
+        if args[0] == MYSQL_DEADLOCK_ERRNO:
+            return True
+    return False
+
+
 def is_missing_table(exc: Exception, table: str) -> bool:
     """True if *exc* says *table* does not exist (PostgreSQL, SQLite, MySQL)."""
     text = str(exc).lower()
