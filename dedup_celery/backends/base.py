@@ -172,26 +172,44 @@ def first_claim_record(claim: Claim, status: str, now: datetime.datetime | None)
     A store's first claim writes every other field from the claim itself, so it
     need not read the record back: its counters are zero, it has no result, and
     it expires after the lease (RECORD_TTL for a transactional CONSUMED record),
-    to be kept for :func:`~dedup_celery.states.retention` of that.
+    to be kept for :func:`~dedup_celery.states.retention` of that. Built field by
+    field from :func:`claimant_values`' sources (this runs for every delivery).
     """
-    seconds = claim.record_ttl if status == Status.CONSUMED else claim.lease_seconds
+    consumed = status == Status.CONSUMED
+    seconds = claim.record_ttl if consumed else claim.lease_seconds
     expires_at = purge_after = None
     if now is not None:
         expires_at = now + datetime.timedelta(seconds=seconds)
         purge_after = now + datetime.timedelta(seconds=retention(seconds, claim.record_ttl))
-    values: dict[str, Any] = dict.fromkeys(RECORD_FIELDS)
-    values.update(claimant_values(claim, status))
-    values.update(dict.fromkeys(COUNTERS, 0))
-    values.update(
-        scope=claim.scope,
-        key_digest=claim.key_digest,
-        created_at=now,
-        updated_at=now,
-        expires_at=expires_at,
-        purge_after=purge_after,
-        consumed_at=now if status == Status.CONSUMED else None,
+    ident = claim.identity
+    return Record(
+        claim.scope,
+        display_key(claim.key),
+        claim.key_digest,
+        status,
+        claim.owner,
+        claim.task_id,
+        claim.task_name,
+        claim.attempt,
+        ident.hostname,
+        ident.pid,
+        ident.process_start,
+        ident.boot_id,
+        ident.pid_namespace,
+        now,  # created_at
+        now,  # updated_at
+        expires_at,
+        now if consumed else None,  # consumed_at
+        None,  # heartbeat_at
+        0,  # skipped
+        0,  # rescheduled
+        0,  # takeovers
+        None,  # last_duplicate_at
+        None,  # result
+        None,  # payload_digest
+        purge_after,
+        False,  # lease_expired
     )
-    return Record(**values, lease_expired=False)
 
 
 class Verdict(enum.Enum):

@@ -14,7 +14,7 @@ import pytest
 from django.test import override_settings
 
 from dedup_celery import DedupConfigurationError, DedupTask, StorageError, get_backend
-from dedup_celery.backends.base import Verdict
+from dedup_celery.backends.base import OwnerIdentity, Verdict
 from dedup_celery.backends.redis import RedisBackend
 from dedup_celery.checks import check_backend, check_settings
 from dedup_celery.identity import current_identity
@@ -52,6 +52,46 @@ def test_the_value_carries_the_record_and_times_from_redis(backend):
     assert fields["boot_id"] == current_identity().boot_id
     redis_ms = int(backend.client.time()[0]) * 1000
     assert abs(int(fields["created_at"]) - redis_ms) < 5000
+
+
+def _hash(backend, claim):
+    stored = backend.client.hgetall(backend.redis_key(claim.scope, claim.key_digest))
+    return {k.decode(): v.decode() for k, v in stored.items()}
+
+
+#: The hash fields whose values are Redis's clock (milliseconds).
+TIME_FIELDS = {"created_at", "updated_at", "expires_at", "purge_after", "consumed_at"}
+
+
+def test_the_hash_layout_of_a_claim_and_a_complete_is_pinned(backend):
+    # Old and new workers read each other's records during a rolling deploy: the
+    # fields a claim and a complete write (names and values) must never drift.
+    identity = OwnerIdentity("host-é", 4242, None, "boot-1", "pid:[1]")
+    claim = make_claim("clé ☃ 𝄞", task_name="tâche.x", attempt=2, identity=identity)
+    backend.claim(claim)
+    claimed = _hash(backend, claim)
+    assert {k: v for k, v in claimed.items() if k not in TIME_FIELDS} == {
+        "scope": claim.scope, "key_digest": claim.key_digest, "key": "clé ☃ 𝄞",
+        "status": "processing", "owner": claim.owner, "task_id": claim.task_id,
+        "task_name": "tâche.x", "attempt": "2", "hostname": "host-é", "pid": "4242",
+        "process_start": "", "boot_id": "boot-1", "pid_namespace": "pid:[1]",
+        "skipped": "0", "rescheduled": "0", "takeovers": "0",
+    }  # fmt: skip
+    assert set(claimed) & TIME_FIELDS == {"created_at", "updated_at", "expires_at", "purge_after"}
+    backend.complete(claim, {"n": 1})
+    done = _hash(backend, claim)
+    assert done["status"] == "consumed"
+    assert done["result"] == '{"n":1}'
+    assert set(done) == set(claimed) | {"consumed_at", "result"}
+    # A complete that finds its record gone writes the same fields anew (without
+    # purge_after: its key's TTL is RECORD_TTL, as a CONSUMED record's).
+    backend.client.delete(backend.redis_key(claim.scope, claim.key_digest))
+    backend.complete(claim, None)
+    recreated = _hash(backend, claim)
+    assert set(recreated) == set(claimed) - {"purge_after"} | {"consumed_at"}
+    same = set(claimed) - TIME_FIELDS - {"status"}
+    assert recreated["status"] == "consumed"
+    assert {k: recreated[k] for k in same} == {k: claimed[k] for k in same}
 
 
 def test_leases_and_consumed_records_expire_through_redis_ttls(backend):

@@ -311,15 +311,18 @@ class DatabaseBackend(TransactionalBackend):
     @storage_errors
     def complete(self, claim: Claim, result: Any) -> bool:
         """Mark the record CONSUMED if *claim* still owns it (see :meth:`BaseBackend.complete`)."""
-        records = self._records()
         connection = connections[self.alias]
         if not self._upsert(connection):
-            updated = records.held_by(claim.scope, claim.key_digest, claim.owner).update(
-                status=Status.CONSUMED,
-                expires_at=NowPlus(claim.record_ttl),
-                consumed_at=StoreNow(),
-                updated_at=StoreNow(),
-                result=result,
+            updated = (
+                self._records()
+                .held_by(claim.scope, claim.key_digest, claim.owner)
+                .update(
+                    status=Status.CONSUMED,
+                    expires_at=NowPlus(claim.record_ttl),
+                    consumed_at=StoreNow(),
+                    updated_at=StoreNow(),
+                    result=result,
+                )
             )
         else:
             updated = self._execute(
@@ -341,6 +344,7 @@ class DatabaseBackend(TransactionalBackend):
             return True
         # The record is gone (purged or released after the lease expired) or
         # someone else owns it. Recreate it only if it is gone.
+        records = self._records()
         fields = records.claim_fields(claim, transactional=True)
         fields["result"] = result
         try:

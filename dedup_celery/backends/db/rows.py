@@ -29,6 +29,8 @@ def owner_param(owner: str, connection: Any) -> Any:
 
 def to_datetime(value: Any) -> datetime.datetime | None:
     """A time column's value as an aware datetime (SQLite returns text)."""
+    if isinstance(value, datetime.datetime) and value.tzinfo is not None:
+        return value  # PostgreSQL's timestamptz, as psycopg returns it
     if value is not None and not isinstance(value, datetime.datetime):
         value = parse_datetime(str(value))
     if value is not None and settings.USE_TZ and timezone.is_naive(value):

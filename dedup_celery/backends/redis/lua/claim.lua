@@ -1,8 +1,8 @@
 -- Claim, take over, poison or count a duplicate, in one step.
 -- KEYS[1]: the record.
 -- ARGV: owner, lease_ms, ttl_ms, max_takeovers, scope, key_digest, then the
--- claimant's fields as name/value pairs (key, status PROCESSING, owner,
--- task_id, ... as CLAIMANT_FIELDS in Python lists them).
+-- claimant's values as one JSON array of strings, in CLAIMANT_FIELDS order
+-- (key, status PROCESSING, owner, task_id, ...; "" for none).
 -- Returns {"first", now} when there was no record (the common case: the caller
 -- knows every field it wrote); otherwise the record's fields, then "now" and
 -- "changed" ("1" if this claim poisoned it).
@@ -11,15 +11,24 @@ local owner = ARGV[1]
 local lease = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
 local cap = tonumber(ARGV[4])
-local claimant = {}
-for i = 7, #ARGV, 2 do
-  claimant[ARGV[i]] = ARGV[i + 1]
+local values = cjson.decode(ARGV[7])
+local claimant, written = {}, {}
+for i, name in ipairs(CLAIMANT_FIELDS) do
+  claimant[name] = values[i]
+  written[2 * i - 1] = name
+  written[2 * i] = values[i]
+end
+local function times(takeovers)
+  local n = #written
+  written[n + 1], written[n + 2] = 'updated_at', now
+  written[n + 3], written[n + 4] = 'expires_at', now + lease
+  written[n + 5], written[n + 6] = 'takeovers', takeovers
+  written[n + 7], written[n + 8] = 'purge_after', now + lease + ttl
 end
 local changed = '0'
 local function own(takeovers)
-  redis.call('HSET', key, unpack(ARGV, 7))
-  redis.call('HSET', key, 'updated_at', now, 'expires_at', now + lease, 'takeovers', takeovers,
-    'purge_after', now + lease + ttl)
+  times(takeovers)
+  redis.call('HSET', key, unpack(written))
   redis.call('HDEL', key, 'consumed_at', 'heartbeat_at', 'result')
   redis.call('PEXPIRE', key, lease + ttl)
 end
@@ -27,10 +36,12 @@ local fields = redis.call('HMGET', key, 'owner', 'status', 'expires_at', 'takeov
   'task_id', 'attempt')
 local current = fields[1]
 if not current then
+  -- No record (or a hash without an owner, which is replaced): write it whole.
   redis.call('DEL', key)
+  times(0)
   redis.call('HSET', key, 'scope', ARGV[5], 'key_digest', ARGV[6], 'created_at', now,
-    'skipped', 0, 'rescheduled', 0)
-  own(0)
+    'skipped', 0, 'rescheduled', 0, unpack(written))
+  redis.call('PEXPIRE', key, lease + ttl)
   return {'first', now}
 elseif current ~= owner then
   local status = fields[2]

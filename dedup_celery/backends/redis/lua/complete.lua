@@ -1,7 +1,8 @@
 -- Mark the record CONSUMED if the owner still holds it; recreate it if it is gone.
 -- KEYS[1]: the record.
 -- ARGV: owner, ttl_ms, result (JSON, or "" for none), scope, key_digest, then
--- the claimant's fields as name/value pairs (to recreate a record that is gone).
+-- the claimant's values as one JSON array of strings in CLAIMANT_FIELDS order
+-- (to recreate a record that is gone).
 -- Returns 1, or 0 when another owner holds the record.
 local key = KEYS[1]
 local ttl = tonumber(ARGV[2])
@@ -10,10 +11,15 @@ if current and current ~= ARGV[1] then
   return 0
 end
 if not current then
+  local values = cjson.decode(ARGV[6])
+  local written = {'scope', ARGV[4], 'key_digest', ARGV[5], 'created_at', now,
+    'skipped', 0, 'rescheduled', 0, 'takeovers', 0}
+  for i, name in ipairs(CLAIMANT_FIELDS) do
+    written[#written + 1] = name
+    written[#written + 1] = values[i]
+  end
   redis.call('DEL', key)
-  redis.call('HSET', key, unpack(ARGV, 6))
-  redis.call('HSET', key, 'scope', ARGV[4], 'key_digest', ARGV[5], 'created_at', now,
-    'skipped', 0, 'rescheduled', 0, 'takeovers', 0)
+  redis.call('HSET', key, unpack(written))
 end
 redis.call('HSET', key, 'status', CONSUMED, 'consumed_at', now, 'updated_at', now,
   'expires_at', now + ttl)
