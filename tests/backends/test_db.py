@@ -7,6 +7,7 @@ contract shared with every backend is in test_contract.py.
 
 from __future__ import annotations
 
+import datetime
 import threading
 import time
 import uuid
@@ -15,7 +16,7 @@ import pytest
 from django.db import connections, transaction
 from django.test.utils import CaptureQueriesContext
 
-from dedup_celery.backends.base import Status, Verdict
+from dedup_celery.backends.base import RECORD_FIELDS, Status, Verdict
 from dedup_celery.backends.db import DatabaseBackend
 from dedup_celery.exceptions import DedupError, OuterTransactionError, StorageError
 from dedup_celery.identity import current_identity
@@ -62,6 +63,20 @@ def test_transactional_claim_commits_with_the_transaction(backend):
         pass
     assert txn.outcome.verdict is Verdict.CONSUMED
     assert row(backend, claim).skipped == 1
+
+
+def test_a_transactional_first_claims_record_is_the_committed_row(backend):
+    claim = make_claim("k-tx-first", ttl=3600)
+    with backend.transactional_claim(claim) as txn:
+        returned = txn.outcome.record
+    stored = row(backend, claim).as_record()
+    exact = connections[backend.alias].vendor != "sqlite"  # SQLite keeps milliseconds
+    for name in RECORD_FIELDS:
+        mine, theirs = getattr(returned, name), getattr(stored, name)
+        if isinstance(theirs, datetime.datetime) and not exact:
+            assert abs(mine - theirs) <= datetime.timedelta(milliseconds=1), name
+        else:
+            assert mine == theirs, name
 
 
 def test_transactional_claim_leaves_nothing_when_rolled_back(backend):

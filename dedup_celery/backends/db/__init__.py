@@ -32,7 +32,7 @@ from dedup_celery.backends.base import (
 from dedup_celery.backends.db import sql
 from dedup_celery.backends.db.connection import execute, is_deadlock, storage_errors
 from dedup_celery.backends.db.kept import KeptConnection
-from dedup_celery.backends.db.rows import owner_param, record_from_row, to_datetime
+from dedup_celery.backends.db.rows import created_at_of, owner_param, record_from_row
 from dedup_celery.backends.db.transactional import transactional_block
 from dedup_celery.clock import SUPPORTED_VENDORS, NowPlus, StoreNow, now_plus_sql
 from dedup_celery.conf import get_settings
@@ -159,7 +159,7 @@ class DatabaseBackend(TransactionalBackend):
             first = self._statement(connection, "first_claim", transactional=transactional)
             row = self._execute(connection, first, params, fetch=True, kept=kept, resend=True)
             if row is not None:
-                record = first_claim_record(claim, status.value, to_datetime(row[0]))
+                record = first_claim_record(claim, status.value, created_at_of(row[0]))
                 return ClaimOutcome(Verdict.CLAIMED, record)
         # The key has a record (or, transactional, a copy's open transaction): decide on it.
         text = self._statement(

@@ -38,6 +38,23 @@ def to_datetime(value: Any) -> datetime.datetime | None:
     return value
 
 
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+def created_at_of(value: Any) -> datetime.datetime | None:
+    """The first claim's returned ``created_at`` (:data:`.sql.FIRST_CLAIM_RETURNING`).
+
+    PostgreSQL returns whole microseconds since the epoch; the result is the
+    datetime Django would have read (naive in ``TIME_ZONE`` without ``USE_TZ``).
+    """
+    if not isinstance(value, int):
+        return to_datetime(value)
+    moment = _EPOCH + datetime.timedelta(microseconds=value)
+    if not settings.USE_TZ:
+        return timezone.make_naive(moment, timezone.get_default_timezone())
+    return moment
+
+
 def record_from_row(row: dict[str, Any]) -> Record:
     """A :class:`Record` from a row a ``RETURNING`` clause gave, by column name."""
     values = {name: row[name] for name in RECORD_FIELDS}

@@ -122,6 +122,10 @@ GONE_OWNER_SLOTS = 2
 CLAIM_RETURNING: tuple[str, ...] = (*RECORD_FIELDS, "lease_expired", "changed_now")
 #: The column :func:`first_claim_sql` returns: the store's "now", from which the
 #: claim's expiry and retention follow (now + the seconds the claim sent).
+#: What the first claim returns: the record's ``created_at``. On PostgreSQL it
+#: comes as whole microseconds since the epoch (an int8, exact): reading a
+#: ``timestamptz`` through Django's time-zone loader costs the client more than
+#: the rest of the row handling (:func:`.rows.created_at_of`).
 FIRST_CLAIM_RETURNING: tuple[str, ...] = ("created_at",)
 
 
@@ -136,10 +140,14 @@ def first_claim_sql(
     when a record (or, in transactional mode on PostgreSQL, a copy's open
     transaction) was there first. Only then does :func:`claim_sql` decide.
     """
+    returned = ", ".join(
+        f"(EXTRACT(EPOCH FROM {qn(c)}) * 1000000)::int8" if vendor == "postgresql" else qn(c)
+        for c in FIRST_CLAIM_RETURNING
+    )
     return (
         _insert(vendor, qn, table, transactional=transactional)
         + " DO NOTHING RETURNING "
-        + ", ".join(qn(c) for c in FIRST_CLAIM_RETURNING)
+        + returned
     )
 
 
