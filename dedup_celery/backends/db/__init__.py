@@ -190,8 +190,8 @@ class DatabaseBackend(TransactionalBackend):
         unique index. In status mode each of the portable claim's statements is a
         transaction of its own and every one is conditioned on the row's state,
         so the victim runs the claim again. Inside a transaction (transactional
-        mode, or a caller's atomic block) InnoDB rolled all of it back, so the
-        error goes up (the delivery is rescheduled).
+        mode, a caller's atomic block, or autocommit turned off) InnoDB rolled
+        all of it back, so the error goes up (the delivery is rescheduled).
         """
         records = self._records()
         for attempt in range(PORTABLE_DEADLOCK_RETRIES + 1):
@@ -201,6 +201,7 @@ class DatabaseBackend(TransactionalBackend):
                 if (
                     transactional
                     or connection.in_atomic_block
+                    or not connection.get_autocommit()
                     or not is_deadlock(exc)
                     or attempt == PORTABLE_DEADLOCK_RETRIES
                 ):

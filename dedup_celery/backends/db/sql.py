@@ -120,12 +120,12 @@ def claim_sql(
 GONE_OWNER_SLOTS = 2
 #: The columns :func:`claim_sql` returns, in order: the record's, then two flags.
 CLAIM_RETURNING: tuple[str, ...] = (*RECORD_FIELDS, "lease_expired", "changed_now")
-#: The column :func:`first_claim_sql` returns: the store's "now", from which the
-#: claim's expiry and retention follow (now + the seconds the claim sent).
-#: What the first claim returns: the record's ``created_at``. On PostgreSQL it
-#: comes as whole microseconds since the epoch (an int8, exact): reading a
-#: ``timestamptz`` through Django's time-zone loader costs the client more than
-#: the rest of the row handling (:func:`.rows.created_at_of`).
+#: The column :func:`first_claim_sql` returns: the record's ``created_at``, the
+#: store's "now", from which the claim's expiry and retention follow (now + the
+#: seconds the claim sent). On PostgreSQL it comes as whole microseconds since
+#: the epoch (an int8, exact): reading a ``timestamptz`` through Django's
+#: time-zone loader costs the client more than the rest of the row handling
+#: (:func:`.rows.created_at_of`).
 FIRST_CLAIM_RETURNING: tuple[str, ...] = ("created_at",)
 
 
