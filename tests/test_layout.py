@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from dedup_celery.backends.base import RECORD_FIELDS, BaseBackend, TransactionalBackend
+from dedup_celery.backends.base import (
+    CLAIMANT_FIELDS,
+    RECORD_FIELDS,
+    BaseBackend,
+    TransactionalBackend,
+)
 from dedup_celery.backends.db import DatabaseBackend
 from dedup_celery.backends.redis.scripts import SCRIPT_NAMES, script_source
 from dedup_celery.checks import check_backend, check_settings
@@ -26,6 +31,12 @@ LUA = REPO / "dedup_celery" / "backends" / "redis" / "lua"
 def test_the_model_columns_are_the_record_fields_in_order():
     columns = tuple(f.name for f in DedupRecord._meta.concrete_fields if not f.primary_key)
     assert columns == RECORD_FIELDS
+
+
+def test_the_claimant_fields_follow_scope_key_and_key_digest_in_the_record():
+    # first_claim_record splices the claimant's values into Record by position.
+    assert RECORD_FIELDS[:13] == ("scope", "key", "key_digest", *CLAIMANT_FIELDS[1:])
+    assert CLAIMANT_FIELDS[0] == "key"
 
 
 def test_every_lua_script_is_loaded_and_none_types_a_status_name():

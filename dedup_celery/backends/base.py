@@ -143,14 +143,10 @@ CLAIMANT_FIELDS: tuple[str, ...] = (
 )  # fmt: skip
 
 
-def claimant_values(claim: Claim, status: str) -> dict[str, Any]:
-    """Return :data:`CLAIMANT_FIELDS` and their values for *claim*, with *status*.
-
-    Every backend writes a claim's record from this one mapping; the store
-    adds its own times and counters.
-    """
+def claimant_tuple(claim: Claim, status: str) -> tuple[Any, ...]:
+    """The values of :data:`CLAIMANT_FIELDS` for *claim*, with *status*, in that order."""
     ident = claim.identity
-    values = (
+    return (
         display_key(claim.key),
         status,
         claim.owner,
@@ -163,7 +159,15 @@ def claimant_values(claim: Claim, status: str) -> dict[str, Any]:
         ident.boot_id,
         ident.pid_namespace,
     )
-    return dict(zip(CLAIMANT_FIELDS, values, strict=True))
+
+
+def claimant_values(claim: Claim, status: str) -> dict[str, Any]:
+    """Return :data:`CLAIMANT_FIELDS` and their values for *claim*, with *status*.
+
+    Every backend writes a claim's record from this one mapping (or, on the hot
+    path, from :func:`claimant_tuple`); the store adds its own times and counters.
+    """
+    return dict(zip(CLAIMANT_FIELDS, claimant_tuple(claim, status), strict=True))
 
 
 def first_claim_record(claim: Claim, status: str, now: datetime.datetime | None) -> Record:
@@ -172,8 +176,9 @@ def first_claim_record(claim: Claim, status: str, now: datetime.datetime | None)
     A store's first claim writes every other field from the claim itself, so it
     need not read the record back: its counters are zero, it has no result, and
     it expires after the lease (RECORD_TTL for a transactional CONSUMED record),
-    to be kept for :func:`~dedup_celery.states.retention` of that. Built field by
-    field from :func:`claimant_values`' sources (this runs for every delivery).
+    to be kept for :func:`~dedup_celery.states.retention` of that. Built
+    positionally (this runs for every delivery): Record's fields are scope,
+    key, key_digest, then the rest of :data:`CLAIMANT_FIELDS` in order.
     """
     consumed = status == Status.CONSUMED
     seconds = claim.record_ttl if consumed else claim.lease_seconds
@@ -181,21 +186,12 @@ def first_claim_record(claim: Claim, status: str, now: datetime.datetime | None)
     if now is not None:
         expires_at = now + datetime.timedelta(seconds=seconds)
         purge_after = now + datetime.timedelta(seconds=retention(seconds, claim.record_ttl))
-    ident = claim.identity
+    key, *claimant = claimant_tuple(claim, status)
     return Record(
         claim.scope,
-        display_key(claim.key),
+        key,
         claim.key_digest,
-        status,
-        claim.owner,
-        claim.task_id,
-        claim.task_name,
-        claim.attempt,
-        ident.hostname,
-        ident.pid,
-        ident.process_start,
-        ident.boot_id,
-        ident.pid_namespace,
+        *claimant,
         now,  # created_at
         now,  # updated_at
         expires_at,

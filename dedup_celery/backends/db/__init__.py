@@ -194,7 +194,8 @@ class DatabaseBackend(TransactionalBackend):
         all of it back, so the error goes up (the delivery is rescheduled).
         """
         records = self._records()
-        for attempt in range(PORTABLE_DEADLOCK_RETRIES + 1):
+        attempt = 0
+        while True:
             try:
                 return records.claim_portable(claim, transactional=transactional)
             except OperationalError as exc:
@@ -206,8 +207,8 @@ class DatabaseBackend(TransactionalBackend):
                     or attempt == PORTABLE_DEADLOCK_RETRIES
                 ):
                     raise
-                time.sleep(random.uniform(0, 0.01 * (attempt + 1)))
-        raise AssertionError("unreachable")  # pragma: no cover
+            attempt += 1
+            time.sleep(random.uniform(0, 0.01 * attempt))
 
     @staticmethod
     def _claim_params(

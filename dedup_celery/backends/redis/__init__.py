@@ -40,7 +40,7 @@ from dedup_celery.backends.base import (
     OwnerIdentity,
     Record,
     Verdict,
-    claimant_values,
+    claimant_tuple,
     first_claim_record,
     outcome_for,
 )
@@ -106,9 +106,7 @@ def _claimant(claim: Claim, status: str) -> str:
     the scripts pair them with the field names (one argument instead of 22 is
     most of what a claim costs redis-py to send).
     """
-    values = [
-        "" if value is None else str(value) for value in claimant_values(claim, status).values()
-    ]
+    values = ["" if value is None else str(value) for value in claimant_tuple(claim, status)]
     return json.dumps(values, ensure_ascii=False, separators=(",", ":"))
 
 
