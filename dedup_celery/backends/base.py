@@ -32,7 +32,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
+import functools
 import typing
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -237,6 +239,40 @@ class ClaimOutcome:
     verdict: Verdict
     record: Record | None
     poisoned_now: bool = False
+
+
+class _FirstClaimOutcome(ClaimOutcome):
+    """A CLAIMED outcome whose record is built from the claim when it is first read.
+
+    On the happy path nothing reads it unless a ``message_claimed`` receiver is
+    connected, so a first claim costs no Record (:func:`first_claim_outcome`).
+    """
+
+    def __init__(
+        self, claim: Claim, status: str, read_now: Callable[[], datetime.datetime | None]
+    ) -> None:
+        # Frozen: the fields are set as the dataclass's own __init__ sets them.
+        object.__setattr__(self, "verdict", Verdict.CLAIMED)
+        object.__setattr__(self, "poisoned_now", False)
+        object.__setattr__(self, "_first", (claim, status, read_now))
+
+    @functools.cached_property
+    def record(self) -> Record:  # type: ignore[override]
+        """The record the first claim wrote (:func:`first_claim_record`)."""
+        claim, status, read_now = self._first  # type: ignore[attr-defined]
+        return first_claim_record(claim, status, read_now())
+
+
+def first_claim_outcome(
+    claim: Claim, status: str, read_now: Callable[[], datetime.datetime | None]
+) -> ClaimOutcome:
+    """The CLAIMED outcome of a claim that wrote a new record at the store's now.
+
+    *read_now* returns that time (the store's reply, converted only if the
+    record is read). The outcome's ``record`` equals :func:`first_claim_record`
+    of the same values; it is built the first time it is read.
+    """
+    return _FirstClaimOutcome(claim, status, read_now)
 
 
 def outcome_for(claim: Claim, record: Record, *, changed_now: bool = False) -> ClaimOutcome:
@@ -448,6 +484,7 @@ __all__ = [
     "TransactionalClaim",
     "Verdict",
     "claimant_values",
+    "first_claim_outcome",
     "first_claim_record",
     "outcome_for",
 ]

@@ -75,10 +75,14 @@ class Delivery:
                 outcome.record.takeovers if outcome.record else "?",
             )
             self.send(signals.claim_taken_over, outcome.record)
-        self.send(signals.message_claimed, outcome.record)
+        if signals.message_claimed.receivers:
+            # Read only for a receiver: a first claim's record is built on reading.
+            self.send(signals.message_claimed, outcome.record)
 
     def send(self, signal: Any, record: Record | None, **extra: Any) -> None:
         """Send one of :mod:`dedup_celery.signals` for this delivery, sender the task."""
+        if not signal.receivers:
+            return
         # A failing receiver must not change what happens to the message.
         responses = signal.send_robust(
             sender=self.task,

@@ -397,6 +397,10 @@ def test_signals_report_claims_and_skipped_duplicates(caplog):
         (signals.message_claimed, by_id, task_id, digest(task_id)),
         (signals.duplicate_skipped, by_id, task_id, digest(task_id)),
     ]
+    # A first claim's record is built only for a receiver: this one gets all of it.
+    claimed = seen[0]["record"]
+    assert (claimed.status, claimed.task_id, claimed.skipped) == ("processing", task_id, 0)
+    assert claimed.created_at == rec(by_id, task_id).created_at
 
 
 def test_a_body_that_lost_its_lease_logs_an_error_and_sends_lease_lost(caplog):

@@ -25,14 +25,19 @@ from dedup_celery.backends.base import (
     TransactionalBackend,
     TransactionalClaim,
     Verdict,
-    claimant_values,
-    first_claim_record,
+    claimant_tuple,
+    first_claim_outcome,
     outcome_for,
 )
 from dedup_celery.backends.db import sql
 from dedup_celery.backends.db.connection import execute, is_deadlock, storage_errors
 from dedup_celery.backends.db.kept import KeptConnection
-from dedup_celery.backends.db.rows import created_at_of, owner_param, record_from_row
+from dedup_celery.backends.db.rows import (
+    claim_owner_param,
+    created_at_of,
+    owner_param,
+    record_from_row,
+)
 from dedup_celery.backends.db.transactional import transactional_block
 from dedup_celery.clock import SUPPORTED_VENDORS, NowPlus, StoreNow, now_plus_sql
 from dedup_celery.conf import get_settings
@@ -134,7 +139,8 @@ class DatabaseBackend(TransactionalBackend):
         )
 
     def _statement(self, connection: Any, name: str, *args: Any, **options: Any) -> str:
-        cache_key = (connection.vendor, name, *args, *sorted(options.items()))
+        # Each call site passes its options in one order, so this key is stable.
+        cache_key = (connection.vendor, name, *args, *options.items())
         text = self._sql.get(cache_key)
         if text is None:
             qn = connection.ops.quote_name
@@ -159,8 +165,8 @@ class DatabaseBackend(TransactionalBackend):
             first = self._statement(connection, "first_claim", transactional=transactional)
             row = self._execute(connection, first, params, fetch=True, kept=kept, resend=True)
             if row is not None:
-                record = first_claim_record(claim, status.value, created_at_of(row[0]))
-                return ClaimOutcome(Verdict.CLAIMED, record)
+                created_at = row[0]
+                return first_claim_outcome(claim, status.value, lambda: created_at_of(created_at))
         # The key has a record (or, transactional, a copy's open transaction): decide on it.
         text = self._statement(
             connection,
@@ -214,13 +220,23 @@ class DatabaseBackend(TransactionalBackend):
     def _claim_params(
         claim: Claim, connection: Any, status: Status, *, transactional: bool
     ) -> list[Any]:
-        """The parameters both claim statements share (:func:`.sql.claim_sql`)."""
+        """The parameters both claim statements share (:func:`.sql.claim_sql`).
+
+        :data:`.sql.CLAIM_PARAMETERS` in order, built positionally: scope, the
+        display key, the key digest, then the rest of the claimant's fields.
+        """
         vendor = connection.vendor
-        values = {"scope": claim.scope, "key_digest": claim.key_digest}
-        values.update(claimant_values(claim, status.value))
-        values["owner"] = owner_param(claim.owner, connection)
+        key, status_value, owner, *identity = claimant_tuple(claim, status.value)
+        params = [
+            claim.scope,
+            key,
+            claim.key_digest,
+            status_value,
+            claim_owner_param(owner, connection),
+            *identity,
+        ]
         seconds = claim.record_ttl if transactional else claim.lease_seconds
-        params = sql.param_list(values) + now_plus_sql(vendor, seconds)[1]
+        params += now_plus_sql(vendor, seconds)[1]
         params += now_plus_sql(vendor, retention(seconds, claim.record_ttl))[1]
         if vendor == "postgresql" and transactional:
             params.append(sql.advisory_lock_key(claim.scope, claim.key_digest))
@@ -336,7 +352,7 @@ class DatabaseBackend(TransactionalBackend):
                     None if result is None else json.dumps(result),
                     claim.scope,
                     claim.key_digest,
-                    owner_param(claim.owner, connection),
+                    claim_owner_param(claim.owner, connection),
                 ],
                 fetch=False,
                 kept=self._use_kept(connection),

@@ -72,16 +72,20 @@ class KeptConnection:
         """True if this statement should run on the kept connection rather than Django's."""
         if django_connection.in_atomic_block or django_connection.vendor != "postgresql":
             return False
-        if threading.current_thread() is not threading.main_thread() or green_threads():
-            return False
         task = get_current_task()
-        if task is None or task.request.is_eager or task.request.called_directly:
+        if task is None:
             return False
+        # First what a well-run deployment answers: the fixup keeps Django's connection.
         app = task.app
         reuse = self._reuse.get(app)
         if reuse is None:
             reuse = self._reuse[app] = _reuse_configured(app)
-        return not reuse
+        if reuse:
+            return False
+        if threading.current_thread() is not threading.main_thread() or green_threads():
+            return False
+        request = task.request
+        return not (request.is_eager or request.called_directly)
 
     def get(self) -> Any:
         """The kept connection (a Django ``DatabaseWrapper``), opened on first use."""

@@ -27,6 +27,18 @@ def owner_param(owner: str, connection: Any) -> Any:
     return _OWNER_FIELD.get_db_prep_value(uuid.UUID(owner), connection)
 
 
+def claim_owner_param(owner: str, connection: Any) -> Any:
+    """A claim's own owner token (32 hex digits, from ``uuid4().hex``) as a parameter.
+
+    PostgreSQL reads it as text into the uuid column it is compared with or
+    inserted into, which saves making a UUID per statement on the hot path;
+    elsewhere it is :func:`owner_param`.
+    """
+    if connection.vendor == "postgresql":
+        return owner
+    return owner_param(owner, connection)
+
+
 def to_datetime(value: Any) -> datetime.datetime | None:
     """A time column's value as an aware datetime (SQLite returns text)."""
     if isinstance(value, datetime.datetime) and value.tzinfo is not None:

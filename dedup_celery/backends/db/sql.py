@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import Any
 
 from dedup_celery.backends.base import (
     CLAIMANT_FIELDS,
@@ -268,8 +267,3 @@ def purge_sql(vendor: str, qn: Callable[[str], str], table: str, count: int) -> 
         f"AND {qn('expires_at')} < {now} "
         f"AND ({qn('purge_after')} IS NULL OR {qn('purge_after')} < {now})"
     )
-
-
-def param_list(values: dict[str, Any]) -> list[Any]:
-    """Order a claim's parameter values as :data:`CLAIM_PARAMETERS`."""
-    return [values[c] for c in CLAIM_PARAMETERS]

@@ -39,9 +39,8 @@ from dedup_celery.backends.base import (
     ClaimOutcome,
     OwnerIdentity,
     Record,
-    Verdict,
     claimant_tuple,
-    first_claim_record,
+    first_claim_outcome,
     outcome_for,
 )
 from dedup_celery.backends.redis.scripts import SCRIPT_NAMES, script_source
@@ -239,8 +238,8 @@ class RedisBackend(BaseBackend):
             ],
         )
         if len(flat) == 2:  # {"first", now}: the record is what this claim wrote
-            record = first_claim_record(claim, Status.PROCESSING.value, _ms_to_datetime(flat[1]))
-            return ClaimOutcome(Verdict.CLAIMED, record)
+            now = flat[1]
+            return first_claim_outcome(claim, Status.PROCESSING.value, lambda: _ms_to_datetime(now))
         changed_now = _text(flat[-1]) == "1"
         found = self._record(flat)
         assert found is not None
