@@ -17,7 +17,7 @@ from dedup_celery.backends.base import (
     BaseBackend,
     TransactionalBackend,
 )
-from dedup_celery.backends.db import DatabaseBackend
+from dedup_celery.backends.db import DatabaseBackend, sql
 from dedup_celery.backends.redis.scripts import SCRIPT_NAMES, script_source
 from dedup_celery.checks import check_backend, check_settings
 from dedup_celery.models import DedupRecord
@@ -37,6 +37,9 @@ def test_the_claimant_fields_follow_scope_key_and_key_digest_in_the_record():
     # first_claim_record splices the claimant's values into Record by position.
     assert RECORD_FIELDS[:13] == ("scope", "key", "key_digest", *CLAIMANT_FIELDS[1:])
     assert CLAIMANT_FIELDS[0] == "key"
+    # DatabaseBackend._claim_params builds the claim's parameters in this order.
+    claim_parameters = sql.CLAIM_PARAMETERS
+    assert claim_parameters == ("scope", "key", "key_digest", *CLAIMANT_FIELDS[1:])
 
 
 def test_every_lua_script_is_loaded_and_none_types_a_status_name():

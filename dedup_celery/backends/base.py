@@ -246,7 +246,15 @@ class _FirstClaimOutcome(ClaimOutcome):
 
     On the happy path nothing reads it unless a ``message_claimed`` receiver is
     connected, so a first claim costs no Record (:func:`first_claim_outcome`).
+    Otherwise it behaves as the eager :class:`ClaimOutcome` it stands for: it
+    compares and hashes equal to it, pickles and copies as it, and
+    :func:`dataclasses.replace` returns a plain :class:`ClaimOutcome`.
     """
+
+    def __new__(cls, *args: Any, **fields: Any) -> ClaimOutcome:
+        if fields:  # by field name, as dataclasses.replace builds a copy
+            return ClaimOutcome(*args, **fields)
+        return super().__new__(cls)
 
     def __init__(
         self, claim: Claim, status: str, read_now: Callable[[], datetime.datetime | None]
@@ -261,6 +269,20 @@ class _FirstClaimOutcome(ClaimOutcome):
         """The record the first claim wrote (:func:`first_claim_record`)."""
         claim, status, read_now = self._first  # type: ignore[attr-defined]
         return first_claim_record(claim, status, read_now())
+
+    def _eager(self) -> tuple[Verdict, Record | None, bool]:
+        return (self.verdict, self.record, self.poisoned_now)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ClaimOutcome):
+            return NotImplemented
+        return self._eager() == (other.verdict, other.record, other.poisoned_now)
+
+    def __hash__(self) -> int:
+        return hash(self._eager())
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ClaimOutcome, self._eager())
 
 
 def first_claim_outcome(

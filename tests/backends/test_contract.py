@@ -11,13 +11,20 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import multiprocessing
+import pickle
 import threading
 import time
 
 import pytest
 from django.db import connections
 
-from dedup_celery.backends.base import RECORD_FIELDS, OwnerIdentity, Status, Verdict
+from dedup_celery.backends.base import (
+    RECORD_FIELDS,
+    ClaimOutcome,
+    OwnerIdentity,
+    Status,
+    Verdict,
+)
 from dedup_celery.backends.redis import RedisBackend
 from dedup_celery.identity import current_identity
 from dedup_celery.keys import digest, storable
@@ -93,6 +100,27 @@ def test_a_first_claims_record_is_the_stored_record_field_for_field(backend):
         else:
             assert mine == theirs, name
     assert returned.lease_expired is not True
+
+
+def test_a_first_claims_outcome_behaves_as_the_eager_outcome(backend):
+    # The first claim's record is built when read; the outcome must still
+    # compare, hash, pickle and replace as the plain ClaimOutcome it stands for.
+    outcome = backend.claim(make_claim("k-lazy"))
+    eager = ClaimOutcome(outcome.verdict, outcome.record, outcome.poisoned_now)
+    assert outcome == eager
+    assert eager == outcome
+    assert hash(outcome) == hash(eager)
+    assert outcome != ClaimOutcome(Verdict.CONSUMED, outcome.record)
+    copied = pickle.loads(pickle.dumps(outcome))
+    assert type(copied) is ClaimOutcome
+    assert copied == eager
+    replaced = dataclasses.replace(outcome, poisoned_now=True)
+    assert type(replaced) is ClaimOutcome
+    assert (replaced.verdict, replaced.record, replaced.poisoned_now) == (
+        Verdict.CLAIMED,
+        outcome.record,
+        True,
+    )
 
 
 def test_claim_of_a_live_processing_record_counts_a_rescheduled_duplicate(backend):
