@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from django.apps import apps
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
@@ -17,15 +18,30 @@ from dedup_celery.backends.base import RECORD_FIELDS
 from dedup_celery.backends.db import message_table_alias
 from dedup_celery.conf import get_settings
 from dedup_celery.exceptions import StorageError
+from dedup_celery.managers import DedupRecordQuerySet
 from dedup_celery.models import DedupRecord
 from dedup_celery.operator import release_record
 from dedup_celery.states import RELEASABLE
 
 RELEASE_PERMISSION = "dedup_celery.release_deduprecord"
 
+# Every column, in the table's order, with the lease and the task result beside them.
+DETAIL_FIELDS: tuple[str, ...] = tuple(
+    name
+    for column in RECORD_FIELDS
+    for name in {"status": ("status", "lease"), "task_id": ("task_id", "task_result")}.get(
+        column, (column,)
+    )
+)
+
+if TYPE_CHECKING:
+    _ModelAdmin = admin.ModelAdmin[DedupRecord]
+else:
+    _ModelAdmin = admin.ModelAdmin  # not subscriptable at run time
+
 
 @admin.register(DedupRecord)
-class DedupRecordAdmin(admin.ModelAdmin):
+class DedupRecordAdmin(_ModelAdmin):
     """Lists message records; only the release action changes anything."""
 
     list_display = (
@@ -48,28 +64,22 @@ class DedupRecordAdmin(admin.ModelAdmin):
     actions = ("release_records",)
     list_per_page = 100
     show_full_result_count = False
-    # Every column, in the table's order, with the lease and the task result beside them.
-    fields = tuple(
-        name
-        for column in RECORD_FIELDS
-        for name in {"status": ("status", "lease"), "task_id": ("task_id", "task_result")}.get(
-            column, (column,)
-        )
-    )
-    readonly_fields = fields
+    fields = DETAIL_FIELDS
+    readonly_fields = DETAIL_FIELDS
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[DedupRecord]:
         """Read the database the backend writes to, with each lease judged by its clock."""
         alias = message_table_alias(get_settings().database)
-        return super().get_queryset(request).using(alias).with_lease_expired()
+        rows = cast(DedupRecordQuerySet, super().get_queryset(request).using(alias))
+        return rows.with_lease_expired()
 
     @admin.display(description=_("lease"))
     def lease(self, obj: DedupRecord) -> str:
         """Say whether a PROCESSING record's lease is live or expired."""
         expired = getattr(obj, "lease_expired", None)
         if obj.status != DedupRecord.Status.PROCESSING:
-            return _("expired") if expired else "—"
-        return _("expired") if expired else _("live")
+            return str(_("expired")) if expired else "—"
+        return str(_("expired") if expired else _("live"))
 
     @admin.display(description=_("task result"))
     def task_result(self, obj: DedupRecord) -> str:
@@ -79,11 +89,11 @@ class DedupRecordAdmin(admin.ModelAdmin):
         task_result_model = apps.get_model("django_celery_results", "TaskResult")
         found = task_result_model._default_manager.filter(task_id=obj.task_id).first()
         if found is None:
-            return _("no stored result")
+            return str(_("no stored result"))
         try:
             url = reverse("admin:django_celery_results_taskresult_change", args=[found.pk])
         except NoReverseMatch:
-            return found.status
+            return str(found.status)
         return format_html('<a href="{}">{}</a>', url, found.status)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -116,7 +126,7 @@ class DedupRecordAdmin(admin.ModelAdmin):
                 "records": records,
                 "processing": DedupRecord.Status.PROCESSING,
                 "poisoned": DedupRecord.Status.POISONED,
-                "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
             }
             return TemplateResponse(
                 request, "admin/dedup_celery/deduprecord/release_confirmation.html", context

@@ -110,7 +110,7 @@ def check_backend(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMe
 def _current_celery_app() -> Any:
     from celery import current_app
 
-    return current_app._get_current_object()
+    return current_app._get_current_object()  # type: ignore[attr-defined]  # a Proxy
 
 
 def dedup_tasks(app: Any) -> list[Any]:

@@ -76,7 +76,9 @@ class StoreNow(Func):
 
     output_field = DateTimeField()
 
-    def as_sql(self, compiler: Any, connection: Any, **extra_context: Any) -> tuple[str, list]:
+    def as_sql(  # type: ignore[override]  # the ORM passes only compiler and connection
+        self, compiler: Any, connection: Any, **extra_context: Any
+    ) -> tuple[str, list[Any]]:
         """Compile to the vendor's UTC clock."""
         return now_sql(connection.vendor), []
 
@@ -90,6 +92,8 @@ class NowPlus(Func):
         super().__init__()
         self.seconds = float(seconds)
 
-    def as_sql(self, compiler: Any, connection: Any, **extra_context: Any) -> tuple[str, list]:
+    def as_sql(  # type: ignore[override]  # the ORM passes only compiler and connection
+        self, compiler: Any, connection: Any, **extra_context: Any
+    ) -> tuple[str, list[Any]]:
         """Compile to the vendor's own interval arithmetic."""
         return now_plus_sql(connection.vendor, self.seconds)

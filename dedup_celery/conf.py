@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from django.conf import settings as django_settings
 from django.core import checks
@@ -71,7 +71,7 @@ class DedupSettings(Limits):
 _cached: DedupSettings | None = None
 
 
-def is_seconds(value: Any) -> bool:
+def is_seconds(value: Any) -> TypeGuard[numbers.Real]:
     """Return True if *value* is a real number of seconds in (0, :data:`MAX_SECONDS`]."""
     return (
         isinstance(value, numbers.Real)
@@ -166,7 +166,7 @@ def get_settings() -> DedupSettings:
         if errors:
             raise DedupConfigurationError(
                 " ".join(f"{e.msg} {e.hint or ''}".strip() for e in errors)
-                + f" ({', '.join(e.id for e in errors)})"
+                + f" ({', '.join(str(e.id) for e in errors)})"
             )
         merged = {**DEFAULTS, **raw}
         _cached = DedupSettings(

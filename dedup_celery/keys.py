@@ -53,7 +53,8 @@ def storable(text: str, limit: int = 255) -> str:
 
 def scope_for(task: Any) -> str:
     """Return the scope of *task*'s records: its ``dedup_scope``, or else its name."""
-    return task.dedup_scope or task.name
+    scope: str = task.dedup_scope or task.name
+    return scope
 
 
 def nested_key(key: str, nesting: int) -> str:
@@ -69,7 +70,7 @@ def nested_key(key: str, nesting: int) -> str:
 
 
 def message_key(
-    task: Any, key_function: Any, request: Any, args: tuple, kwargs: dict
+    task: Any, key_function: Any, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> str | None:
     """Return the key of *request*'s message: its task id, or ``key_function(*args, **kwargs)``.
 

@@ -17,6 +17,7 @@ from django.db.models import BooleanField, Case, F, Q, Value, When
 from dedup_celery.backends.base import (
     Claim,
     ClaimOutcome,
+    Record,
     Verdict,
     claimant_values,
     outcome_for,
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from dedup_celery.models import DedupRecord
 
 
-class DedupRecordQuerySet(models.QuerySet):
+class DedupRecordQuerySet(models.QuerySet["DedupRecord"]):
     """The message table's queries; use ``DedupRecord.objects.using(alias)``."""
 
     def for_key(self, scope: str, key_digest: str) -> DedupRecordQuerySet:
@@ -106,7 +107,10 @@ class DedupRecordQuerySet(models.QuerySet):
             except IntegrityError:
                 pass
             else:
-                return outcome_for(claim, self.fetch(claim.scope, claim.key_digest))
+                created = self.fetch(claim.scope, claim.key_digest)
+                if created is None:
+                    raise StorageError("the record this claim created was deleted at once")
+                return outcome_for(claim, created)
             claimed = record.filter(
                 not_mine & processing & expired & Q(takeovers__lt=claim.max_takeovers)
             ).update(takeovers=F("takeovers") + 1, **fields)
@@ -163,7 +167,7 @@ class DedupRecordQuerySet(models.QuerySet):
                 return verdict
         return None
 
-    def fetch(self, scope: str, key_digest: str, *, with_lease: bool = False) -> Any:
+    def fetch(self, scope: str, key_digest: str, *, with_lease: bool = False) -> Record | None:
         """Return the :class:`~dedup_celery.backends.base.Record` of (scope, key), or None."""
         rows: DedupRecordQuerySet = self.for_key(scope, key_digest)
         if with_lease:

@@ -51,12 +51,13 @@ class TaskOptions(Limits):
     key_function: Callable[..., Any] | None
 
 
-def key_function(task: Any) -> Callable[..., Any] | None:
-    """Return a task's ``dedup_key`` callable, unbound, or None.
+def key_function(task: Any) -> Any:
+    """Return a task's ``dedup_key`` option, unbound: a callable, None, or a wrong value.
 
     The task decorator puts the option in the class dict, where a plain
     function would become a method; it is read without the descriptor protocol
-    so it is always called as a plain function with the task's arguments.
+    so it is always called as a plain function with the task's arguments. A
+    value that is neither is returned as it is, for :func:`option_errors` to name.
     """
     func = inspect.getattr_static(task, "dedup_key", None)
     if isinstance(func, staticmethod | classmethod):

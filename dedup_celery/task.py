@@ -11,7 +11,7 @@ from dedup_celery.delivery import deliver
 from dedup_celery.options import USE_SETTING
 
 
-class DedupTask(DjangoTask):
+class DedupTask(DjangoTask[Any, Any]):
     """A Celery task whose body takes effect once per message, however often it is delivered.
 
     Use it as the base of a task: ``@shared_task(base=DedupTask)``. Options are
@@ -35,9 +35,9 @@ class DedupTask(DjangoTask):
     """
 
     #: Ack after the body, so a crash before the ack redelivers the message.
-    acks_late: ClassVar[bool] = True
+    acks_late = True
     #: Requeue the message of a killed child instead of acking it.
-    reject_on_worker_lost: ClassVar[bool] = True
+    reject_on_worker_lost = True
 
     dedup_key: ClassVar[Callable[..., str | None] | None] = None
     dedup_transactional: ClassVar[bool] = False
@@ -49,7 +49,7 @@ class DedupTask(DjangoTask):
 
     #: The worker-side request: when a child dies mid-task, the worker's main
     #: process ends that child's lease so the redelivery runs at once.
-    Request: ClassVar[str] = "dedup_celery.worker:DedupRequest"
+    Request = "dedup_celery.worker:DedupRequest"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the body at most once per message key (see the class docstring)."""

@@ -15,7 +15,7 @@ import logging
 import threading
 from typing import Any
 
-from billiard.einfo import ExceptionWithTraceback
+from billiard.einfo import ExceptionWithTraceback  # type: ignore[attr-defined]  # not in stubs
 from billiard.exceptions import WorkerLostError
 from celery.worker.request import Request
 
@@ -40,13 +40,15 @@ class DedupRequest(Request):
 
     _dedup_child_start: int | None = None
 
-    def on_accepted(self, pid: int, time_accepted: float) -> None:
+    def on_accepted(self, pid: Any, time_accepted: float) -> None:
         """Remember the child's start time while it is alive, to name it exactly later."""
         super().on_accepted(pid, time_accepted)
         if pid:
             self._dedup_child_start = process_start_ticks(pid)
 
-    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False):
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> None:
         """End the dead child's lease, then let Celery requeue the message."""
         exc = exc_info.exception
         if isinstance(exc, ExceptionWithTraceback):
@@ -79,7 +81,7 @@ class DedupRequest(Request):
         me = current_identity()
         child = OwnerIdentity(
             hostname=me.hostname,
-            pid=self.worker_pid,
+            pid=int(self.worker_pid),  # an int pid, whatever the stubs say
             process_start=self._dedup_child_start,
             boot_id=me.boot_id,
             pid_namespace=me.pid_namespace,

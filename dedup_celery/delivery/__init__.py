@@ -20,7 +20,7 @@ from dedup_celery.keys import message_key
 from dedup_celery.options import resolve
 
 
-def deliver(task: Any, args: tuple, kwargs: dict) -> Any:
+def deliver(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run one delivery of *task*'s current request: at most one effect per message key.
 
     A configuration that does not resolve reschedules the message

@@ -29,8 +29,8 @@ class Delivery:
         options: TaskOptions,
         key: str,
         backend: BaseBackend,
-        args: tuple,
-        kwargs: dict,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> None:
         request = task.request
         self.task = task

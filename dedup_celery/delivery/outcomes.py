@@ -142,6 +142,8 @@ def copy_deadline(task: Any, request: Any) -> datetime.datetime | None:
             value,
         )
         return None
+    if deadline is None:
+        return None
     return maybe_make_aware(deadline, task.app.timezone)
 
 

@@ -61,7 +61,7 @@ class StatusDelivery(Delivery):
         except Reject as exc:
             self._stop(heartbeat)
             # A requeued message comes back as the same delivery and must run again.
-            self._after_failure(requeued=bool(exc.requeue))
+            self._after_failure(requeued=bool(getattr(exc, "requeue", False)))
             raise
         except BaseException:
             self._stop(heartbeat)

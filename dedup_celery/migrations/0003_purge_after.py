@@ -7,13 +7,15 @@ treats NULL as before, except that it keeps an unfinished (PROCESSING) record
 until RECORD_TTL past its lease.
 """
 
+from typing import Any
+
 from django.db import migrations, models
 
 
 class AddIndexConcurrentlyOnPostgreSQL(migrations.AddIndex):
     """``AddIndex`` that does not lock the table for writes on PostgreSQL."""
 
-    def _apply(self, app_label, schema_editor, state, action):
+    def _apply(self, app_label: str, schema_editor: Any, state: Any, action: str) -> None:
         model = state.apps.get_model(app_label, self.model_name)
         if not self.allow_migrate_model(schema_editor.connection.alias, model):
             return
@@ -22,10 +24,14 @@ class AddIndexConcurrentlyOnPostgreSQL(migrations.AddIndex):
             model, self.index, **({"concurrently": True} if postgresql else {})
         )
 
-    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+    def database_forwards(
+        self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any
+    ) -> None:
         self._apply(app_label, schema_editor, to_state, "add_index")
 
-    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+    def database_backwards(
+        self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any
+    ) -> None:
         self._apply(app_label, schema_editor, from_state, "remove_index")
 
 

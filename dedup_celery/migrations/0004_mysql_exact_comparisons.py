@@ -9,13 +9,16 @@ On MySQL this rewrites the table (a collation change of indexed columns is not
 an in-place change); on a large message table, run it in a quiet hour.
 """
 
+from collections.abc import Callable
+from typing import Any
+
 from django.db import migrations
 
 #: The columns whose values the store compares for equality.
 EXACT_COLUMNS = ("scope", "key_digest", "task_id", "hostname", "boot_id", "pid_namespace")
 
 
-def _alter(schema_editor, collation_of):
+def _alter(schema_editor: Any, collation_of: Callable[[Any], str]) -> None:
     connection = schema_editor.connection
     if connection.vendor != "mysql":
         return
@@ -24,7 +27,7 @@ def _alter(schema_editor, collation_of):
     qn = connection.ops.quote_name
     clauses = []
     for name in EXACT_COLUMNS:
-        field = DedupRecord._meta.get_field(name)
+        field: Any = DedupRecord._meta.get_field(name)
         null = "NULL" if field.null else "NOT NULL"
         clauses.append(
             f"MODIFY {qn(field.column)} {field.db_type(connection)} "
@@ -33,15 +36,15 @@ def _alter(schema_editor, collation_of):
     schema_editor.execute(f"ALTER TABLE {qn(DedupRecord._meta.db_table)} " + ", ".join(clauses))
 
 
-def _binary(connection):
+def _binary(connection: Any) -> str:
     return "utf8mb4_nopad_bin" if connection.mysql_is_mariadb else "utf8mb4_0900_bin"
 
 
-def exact(apps, schema_editor):
+def exact(apps: Any, schema_editor: Any) -> None:
     _alter(schema_editor, _binary)
 
 
-def back_to_the_default(apps, schema_editor):
+def back_to_the_default(apps: Any, schema_editor: Any) -> None:
     _alter(schema_editor, lambda connection: "utf8mb4_unicode_ci")
 
 

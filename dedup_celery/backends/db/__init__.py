@@ -42,6 +42,7 @@ from dedup_celery.backends.db.transactional import transactional_block
 from dedup_celery.clock import SUPPORTED_VENDORS, NowPlus, StoreNow, now_plus_sql
 from dedup_celery.conf import get_settings
 from dedup_celery.exceptions import DedupConfigurationError
+from dedup_celery.managers import DedupRecordQuerySet
 from dedup_celery.models import DedupRecord
 from dedup_celery.states import Status, retention
 
@@ -126,7 +127,7 @@ class DatabaseBackend(TransactionalBackend):
         """Name the database the records are in."""
         return f"database {self.alias!r} (table {self.table})"
 
-    def _records(self) -> Any:
+    def _records(self) -> DedupRecordQuerySet:
         return DedupRecord.objects.using(self.alias)
 
     def _upsert(self, connection: Any) -> bool:
@@ -381,7 +382,7 @@ class DatabaseBackend(TransactionalBackend):
         text = self._statement(connection, "release", expired_only=expired_only)
         with connection.cursor() as cursor:
             cursor.execute(text, [scope, key_digest, owner_param(owner, connection)])
-            return cursor.rowcount == 1
+            return bool(cursor.rowcount == 1)
 
     @storage_errors
     def fail(self, claim: Claim) -> bool:
@@ -475,7 +476,7 @@ class DatabaseBackend(TransactionalBackend):
             text = sql.purge_sql(connection.vendor, qn, qn(self.table), len(ids))
             with connection.cursor() as cursor:
                 cursor.execute(text, ids)
-                total += cursor.rowcount
+                total += int(cursor.rowcount)
             if len(ids) < batch_size:
                 return total
             if pause:

@@ -43,11 +43,14 @@ def to_datetime(value: Any) -> datetime.datetime | None:
     """A time column's value as an aware datetime (SQLite returns text)."""
     if isinstance(value, datetime.datetime) and value.tzinfo is not None:
         return value  # PostgreSQL's timestamptz, as psycopg returns it
-    if value is not None and not isinstance(value, datetime.datetime):
-        value = parse_datetime(str(value))
-    if value is not None and settings.USE_TZ and timezone.is_naive(value):
-        value = timezone.make_aware(value, datetime.timezone.utc)
-    return value
+    when: datetime.datetime | None
+    if value is None or isinstance(value, datetime.datetime):
+        when = value
+    else:
+        when = parse_datetime(str(value))
+    if when is not None and settings.USE_TZ and timezone.is_naive(when):
+        when = timezone.make_aware(when, datetime.timezone.utc)
+    return when
 
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)

@@ -43,7 +43,7 @@ def key_digest_from(options: dict[str, Any]) -> str:
         raise CommandError("--replaced names a key, not a digest: leave out --digest.")
     if not _DIGEST.fullmatch(key):
         raise CommandError("With --digest, KEY must be 64 lowercase hex characters.")
-    return key
+    return str(key)
 
 
 def format_record(record: Record) -> str:
