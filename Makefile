@@ -16,8 +16,10 @@ MYSQL_STAMP := $(VENV)/.mysqlclient-stamp
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# pip 25.1 is the first to read dependency groups (pyproject.toml's "dev").
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "pip>=25.1"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
-		-c constraints.txt -e ".[dev]"
+		-c constraints.txt -e . --group dev
 	touch $(STAMP)
 
 packages:
@@ -41,6 +43,7 @@ soak: $(STAMP) packages $(MYSQL_STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # The Django/Python/Celery matrix of tox.ini. pyenv's interpreters are callable
 # only once pyenv selects them; put each installed version's own bin folder on

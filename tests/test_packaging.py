@@ -1,0 +1,171 @@
+"""What a user installs: the sdist and the wheel as built, their metadata, and the lint gates."""
+
+from __future__ import annotations
+
+import configparser
+import email
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import dedup_celery
+from tests.services import REPO
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Build the sdist and the wheel once, as a release would; return (sdist, wheel, output).
+
+    From a copy of the tree without build leftovers: setuptools reads an existing
+    ``*.egg-info/SOURCES.txt`` back into the sdist, which would hide a file the
+    configuration leaves out.
+    """
+    source = tmp_path_factory.mktemp("source") / "dedup_celery"
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", ".tox", "build", "dist", "artifacts", "*.egg-info", "__pycache__"
+        ),
+    )
+    out = tmp_path_factory.mktemp("dist")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    run = subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(source)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output
+    (sdist,) = out.glob("*.tar.gz")
+    (wheel,) = out.glob("*.whl")
+    return sdist, wheel, output
+
+
+def test_the_build_gives_no_warning(built):
+    _, _, output = built
+    warnings = [line for line in output.splitlines() if re.search(r"warning|!!", line, re.I)]
+    assert warnings == []
+
+
+def _wheel_names(wheel: Path) -> set[str]:
+    with zipfile.ZipFile(wheel) as archive:
+        return set(archive.namelist())
+
+
+def test_the_wheel_holds_the_package_data(built):
+    _, wheel, _ = built
+    names = _wheel_names(wheel)
+    package = REPO / "dedup_celery"
+    wanted = {
+        "dedup_celery/py.typed",
+        *(
+            path.relative_to(REPO).as_posix()
+            for pattern in ("migrations/0*.py", "backends/redis/lua/*.lua", "templates/**/*.html")
+            for path in package.glob(pattern)
+        ),
+    }
+    assert len(wanted) > 10
+    assert wanted - names == set()
+    assert not [name for name in names if name.startswith(("tests/", "harness/", "benchmarks/"))]
+
+
+def _metadata(wheel: Path) -> email.message.Message:
+    with zipfile.ZipFile(wheel) as archive:
+        (name,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        return email.message_from_bytes(archive.read(name))
+
+
+def _tox_versions() -> tuple[set[str], set[str]]:
+    """The Python and Django versions tox.ini's env_list runs, as "3.11" and "5.2"."""
+    config = configparser.ConfigParser(interpolation=None)
+    config.read(REPO / "tox.ini")
+    envs = config["tox"]["env_list"]
+    pythons, djangos = set(), set()
+    for group in re.findall(r"py\{?([\d,]+)\}?", envs):
+        pythons |= {f"{v[0]}.{v[1:]}" for v in group.split(",")}
+    for group in re.findall(r"django\{?([\d,]+)\}?", envs):
+        djangos |= {f"{v[0]}.{v[1:]}" for v in group.split(",")}
+    return pythons, djangos
+
+
+def test_the_metadata_names_license_urls_and_every_tested_version(built):
+    _, wheel, _ = built
+    meta = _metadata(wheel)
+    assert meta["Version"] == dedup_celery.__version__
+    assert meta["License-Expression"] == "BSD-3-Clause"
+    classifiers = meta.get_all("Classifier")
+    assert not [c for c in classifiers if c.startswith("License ::")]
+    urls = {value.split(",", 1)[0] for value in meta.get_all("Project-URL")}
+    assert {"Source", "Documentation", "Changelog", "Issues"} <= urls
+    pythons, djangos = _tox_versions()
+    assert pythons == {"3.10", "3.11", "3.12", "3.13"}
+    for version in pythons:
+        assert f"Programming Language :: Python :: {version}" in classifiers
+    for version in djangos:
+        assert f"Framework :: Django :: {version}" in classifiers
+    # Contributors' tools are a dependency group, not an extra users could ask for.
+    assert "dev" not in (meta.get_all("Provides-Extra") or [])
+
+
+def test_the_version_lives_in_one_place():
+    assert re.fullmatch(r"\d+\.\d+\.\d+", dedup_celery.__version__)
+    setup = configparser.ConfigParser(interpolation=None)
+    setup.read(REPO / "setup.cfg")
+    assert setup["metadata"]["version"] == "attr: dedup_celery.__version__"
+    hits = [
+        path.relative_to(REPO).as_posix()
+        for path in (
+            REPO / "setup.cfg",
+            REPO / "pyproject.toml",
+            *REPO.glob("dedup_celery/**/*.py"),
+        )
+        if re.search(rf"['\"]{re.escape(dedup_celery.__version__)}['\"]", path.read_text("utf-8"))
+    ]
+    assert hits == ["dedup_celery/__init__.py"]
+
+
+def test_the_sdist_holds_the_documents_and_no_tests(built):
+    sdist, _, _ = built
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    documents = {"README.md", "CHANGELOG.md", "LICENSE", "dedup_celery/py.typed"}
+    documents |= {path.relative_to(REPO).as_posix() for path in (REPO / "docs").glob("*.md")}
+    assert documents - names == set()
+    # The suite needs throwaway servers and the repository's harness: it is not shipped.
+    assert not [n for n in names if n.startswith(("tests/", "harness/", "benchmarks/"))]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["ruff", "check", "."], ["ruff", "format", "--check", "."], ["mypy"]],
+    ids=["ruff", "ruff-format", "mypy-strict"],
+)
+def test_lint_passes(command):
+    run = subprocess.run(
+        [str(BIN / command[0]), *command[1:]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_readme_links_work_on_pypi():
+    # README.md is the long description: PyPI shows it away from the repository, so a
+    # relative link there leads nowhere.
+    targets = re.findall(r"\]\(([^)\s]+)", (REPO / "README.md").read_text("utf-8"))
+    assert targets
+    assert [t for t in targets if not t.startswith(("https://", "http://", "#"))] == []
