@@ -1,4 +1,4 @@
-"""Admin for the message table: read-only, plus a release action that goes through the backend."""
+"""Admin for the message table: read-only, plus release and forget actions through the backend."""
 
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ from dedup_celery.conf import get_settings
 from dedup_celery.exceptions import StorageError
 from dedup_celery.managers import DedupRecordQuerySet
 from dedup_celery.models import DedupRecord
-from dedup_celery.operator import release_record
-from dedup_celery.states import RELEASABLE
+from dedup_celery.operator import forget_record, release_record
+from dedup_celery.states import FORGETTABLE, RELEASABLE
 
 RELEASE_PERMISSION = "dedup_celery.release_deduprecord"
+FORGET_PERMISSION = "dedup_celery.forget_deduprecord"
 
 # Every column, in the table's order, with the lease and the task result beside them.
 DETAIL_FIELDS: tuple[str, ...] = tuple(
@@ -42,7 +43,7 @@ else:
 
 @admin.register(DedupRecord)
 class DedupRecordAdmin(_ModelAdmin):
-    """Lists message records; only the release action changes anything."""
+    """Lists message records; only the release and forget actions change anything."""
 
     list_display = (
         "scope",
@@ -61,7 +62,7 @@ class DedupRecordAdmin(_ModelAdmin):
     list_filter = ("status", "task_name", "scope")
     search_fields = ("key", "task_id", "=key_digest")
     ordering = ("-created_at",)
-    actions = ("release_records",)
+    actions = ("release_records", "forget_records")
     list_per_page = 100
     show_full_result_count = False
     fields = DETAIL_FIELDS
@@ -112,6 +113,84 @@ class DedupRecordAdmin(_ModelAdmin):
         """Only users with ``dedup_celery.release_deduprecord`` may release."""
         return request.user.has_perm(RELEASE_PERMISSION)
 
+    def _confirmation(
+        self,
+        request: HttpRequest,
+        records: list[DedupRecord],
+        action: str,
+        title: Any,
+        **extra: Any,
+    ) -> TemplateResponse:
+        """The page that shows *records* with their owners before *action* changes them."""
+        context = {
+            **self.admin_site.each_context(request),
+            "title": title,
+            "opts": self.model._meta,
+            "records": records,
+            "action": f"{action}_records",
+            "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            **extra,
+        }
+        template = f"admin/dedup_celery/deduprecord/{action}_confirmation.html"
+        return TemplateResponse(request, template, context)
+
+    def has_forget_permission(self, request: HttpRequest) -> bool:
+        """Only users with ``dedup_celery.forget_deduprecord`` may forget."""
+        return request.user.has_perm(FORGET_PERMISSION)
+
+    @admin.action(
+        description=_("Forget selected consumed or failed records (their messages may run again)"),
+        permissions=["forget"],
+    )
+    def forget_records(self, request: HttpRequest, queryset: QuerySet[DedupRecord]) -> Any:
+        """Ask for confirmation, then compare-and-delete each finished record against its owner."""
+        records = list(queryset.order_by("pk"))
+        if request.POST.get("confirm") != "yes":
+            return self._confirmation(
+                request, records, "forget", _("Forget message records"), forgettable=FORGETTABLE
+            )
+        forgotten = 0
+        kept: dict[str, int] = {}
+        for record in records:
+            shown_owner = request.POST.get(f"owner-{record.pk}", "")
+            if record.status not in FORGETTABLE:
+                reason = str(
+                    _("poisoned: release it instead")
+                    if record.status == DedupRecord.Status.POISONED
+                    else _("still processing")
+                )
+            elif not shown_owner:
+                reason = str(_("no owner was shown for it"))
+            else:
+                try:
+                    ok = forget_record(record.scope, record.key_digest, shown_owner)
+                except (StorageError, ValueError) as exc:
+                    self.message_user(request, f"{record}: {exc}", messages.ERROR)
+                    continue
+                if ok:
+                    forgotten += 1
+                    continue
+                reason = str(_("the owner changed since the page was shown"))
+            kept[reason] = kept.get(reason, 0) + 1
+        if forgotten:
+            self.message_user(
+                request,
+                _(
+                    "%(count)d record(s) forgotten. Nothing was re-sent: the next delivery of "
+                    "each message runs its body again."
+                )
+                % {"count": forgotten},
+                messages.SUCCESS,
+            )
+        for reason, count in kept.items():
+            self.message_user(
+                request,
+                _("%(count)d record(s) not forgotten: %(reason)s.")
+                % {"count": count, "reason": reason},
+                messages.WARNING,
+            )
+        return None
+
     @admin.action(
         description=_("Release selected processing or poisoned records"), permissions=["release"]
     )
@@ -119,17 +198,13 @@ class DedupRecordAdmin(_ModelAdmin):
         """Ask for confirmation, then compare-and-delete each record against the shown owner."""
         records = list(queryset.order_by("pk"))
         if request.POST.get("confirm") != "yes":
-            context = {
-                **self.admin_site.each_context(request),
-                "title": _("Release message records"),
-                "opts": self.model._meta,
-                "records": records,
-                "processing": DedupRecord.Status.PROCESSING,
-                "poisoned": DedupRecord.Status.POISONED,
-                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
-            }
-            return TemplateResponse(
-                request, "admin/dedup_celery/deduprecord/release_confirmation.html", context
+            return self._confirmation(
+                request,
+                records,
+                "release",
+                _("Release message records"),
+                processing=DedupRecord.Status.PROCESSING,
+                poisoned=DedupRecord.Status.POISONED,
             )
         force = request.POST.get("force") == "on"
         released = refused = 0

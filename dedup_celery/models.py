@@ -78,6 +78,7 @@ class DedupRecord(models.Model):
         ]
         permissions = [
             ("release_deduprecord", _("Can release a processing message record")),
+            ("forget_deduprecord", _("Can forget a consumed or failed message record")),
         ]
 
     def __str__(self) -> str:

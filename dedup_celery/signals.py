@@ -28,6 +28,11 @@ lease_lost = Signal()
 #: ``"requeued"`` (the body raised ``Reject(requeue=True)``; the record is gone),
 #: or ``"operator"`` (the admin action or ``dedup_release``; sender is None).
 message_released = Signal()
+#: An operator forgot a CONSUMED or FAILED record (the admin action or
+#: ``dedup_forget``), so the message's next delivery runs the body again.
+#: ``sender`` and ``task_id`` are None; adds ``owner`` and ``status`` (the
+#: record's status when it was forgotten).
+message_forgotten = Signal()
 #: Deliveries of a message kept dying in the body and MAX_TAKEOVERS was reached:
 #: the record is now POISONED.
 message_poisoned = Signal()

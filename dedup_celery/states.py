@@ -23,6 +23,10 @@ class Status(models.TextChoices):
 RELEASABLE: tuple[Status, ...] = (Status.PROCESSING, Status.POISONED)
 
 
+#: The states an operator may forget (delete so a finished message can run again).
+FORGETTABLE: tuple[Status, ...] = (Status.CONSUMED, Status.FAILED)
+
+
 def may_release(status: str, *, lease_expired: bool | None, force: bool) -> bool:
     """Whether an operator's release of a record in *status* is allowed.
 

@@ -23,6 +23,7 @@ complete       owner = my token (or no record)                      CONSUMED unt
 fail           owner = my token, PROCESSING                         FAILED until RECORD_TTL
 expire lease   owner = the token (or the process) given, PROCESSING  expires = now
 release        owner = the token given, PROCESSING or POISONED      record deleted
+forget         owner = the token given, CONSUMED or FAILED          record deleted
 purge          expired, re-checked on delete                        record deleted
 =============  ===================================================  ==========================
 """
@@ -389,6 +390,16 @@ class BaseBackend:
         ``Reject(requeue=True)``.
         """
         raise self._missing("release")
+
+    def forget(self, scope: str, key_digest: str, owner: str) -> bool:
+        """Delete a CONSUMED or FAILED record owned by *owner*; return whether it went.
+
+        Must be atomic (compare-and-delete): a record a delivery claimed again
+        since the operator read it has another owner and stays. The admin's
+        forget action and ``dedup_forget`` use this, so that a finished message
+        can run again on purpose (:data:`dedup_celery.states.FORGETTABLE`).
+        """
+        raise self._missing("forget")
 
     def fail(self, claim: Claim) -> bool:
         """Turn *claim*'s PROCESSING record into a FAILED one until RECORD_TTL.

@@ -182,6 +182,34 @@ def test_release_never_deletes_a_consumed_record(backend):
     assert get(backend, "k-1").status == Status.CONSUMED
 
 
+def test_forget_by_the_owner_deletes_a_consumed_or_failed_record(backend):
+    # An operator forgets a finished message so that a delivery runs it again.
+    done = make_claim("k-done")
+    backend.claim(done)
+    backend.complete(done, {"n": 1})
+    assert backend.forget(SCOPE, done.key_digest, done.owner)
+    assert get(backend, "k-done") is None
+    assert backend.claim(make_claim("k-done")).verdict is Verdict.CLAIMED
+    failed = make_claim("k-failed")
+    backend.claim(failed)
+    assert backend.fail(failed)
+    assert backend.forget(SCOPE, failed.key_digest, failed.owner)
+    assert get(backend, "k-failed") is None
+
+
+def test_forget_spares_an_unfinished_record_and_another_owner_s(backend):
+    running = make_claim("k-running")
+    backend.claim(running)
+    assert not backend.forget(SCOPE, running.key_digest, running.owner)
+    assert get(backend, "k-running").status == Status.PROCESSING
+    done = make_claim("k-done")
+    backend.claim(done)
+    backend.complete(done, None)
+    assert not backend.forget(SCOPE, done.key_digest, make_claim("k-done").owner)
+    assert get(backend, "k-done").status == Status.CONSUMED
+    assert not backend.forget(SCOPE, digest("k-none"), done.owner)
+
+
 def test_an_expired_only_release_spares_a_live_lease(backend):
     claim = make_claim(lease=0.5)
     backend.claim(claim)

@@ -156,3 +156,55 @@ def test_the_admin_lists_and_releases_in_the_database_the_backend_writes_to(admi
     )  # fmt: skip
     assert "1 record(s) released" in page.content.decode()
     assert not in_sqlite.filter(key="in-sqlite").exists()
+
+
+def forget(client, records, owners=None):
+    data = {"action": "forget_records", "_selected_action": [], "confirm": "yes"}
+    for made in records:
+        pk = DedupRecord.objects.get(key=made.key).pk
+        data["_selected_action"].append(pk)
+        if owners is not None:
+            data[f"owner-{pk}"] = owners[made.key]
+    if owners is None:
+        del data["confirm"]
+    return client.post(URL, data, follow=True)
+
+
+def test_forget_asks_for_confirmation_then_deletes_a_consumed_record(admin_client):
+    made = consumed("again")
+    page = forget(admin_client, [made])
+    assert made.owner in page.content.decode()
+    assert "forget-records" in page.content.decode()
+    assert DedupRecord.objects.filter(key="again").exists()
+    with captured(signals.message_forgotten) as sent:
+        page = forget(admin_client, [made], {"again": made.owner})
+    assert "1 record(s) forgotten" in page.content.decode()
+    assert not DedupRecord.objects.filter(key="again").exists()
+    assert [s["owner"] for s in sent] == [made.owner]
+
+
+def test_forget_gives_each_reason_for_a_record_it_keeps(admin_client):
+    running = claim("running")
+    retaken = consumed("retaken")
+    page = forget(admin_client, [running, retaken], {"running": running.owner, "retaken": "0" * 32})
+    body = page.content.decode()
+    assert "1 record(s) not forgotten: still processing" in body
+    assert "1 record(s) not forgotten: the owner changed" in body
+    assert DedupRecord.objects.filter(key__in=["running", "retaken"]).count() == 2
+
+
+def test_forget_needs_the_forget_permission(client):
+    viewer = User.objects.create_user("viewer2", password="pw", is_staff=True)
+    viewer.user_permissions.add(
+        Permission.objects.get(codename="view_deduprecord"),
+        Permission.objects.get(codename="release_deduprecord"),
+    )
+    client.force_login(viewer)
+    made = consumed("guarded-forget")
+    assert "forget_records" not in client.get(URL).content.decode()
+    forget(client, [made], {"guarded-forget": made.owner})
+    assert DedupRecord.objects.filter(key="guarded-forget").exists()
+    viewer.user_permissions.add(Permission.objects.get(codename="forget_deduprecord"))
+    client.force_login(User.objects.get(pk=viewer.pk))
+    forget(client, [made], {"guarded-forget": made.owner})
+    assert not DedupRecord.objects.filter(key="guarded-forget").exists()

@@ -133,3 +133,85 @@ def test_dedup_release_refuses_a_consumed_record(any_backend):
     any_backend.complete(made, None)
     with pytest.raises(CommandError, match="consumed, not processing or poisoned"):
         call_command("dedup_release", "cmd", "done", "--force", stdout=io.StringIO())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_dedup_forget_lets_a_consumed_message_run_again(any_backend):
+    from dedup_celery.signals import message_forgotten
+    from tests.helpers import captured
+
+    made = claim_on(any_backend, "done", 60)
+    any_backend.complete(made, None)
+    out = io.StringIO()
+    with captured(message_forgotten) as sent:
+        call_command("dedup_forget", "cmd", "done", "--noinput", stdout=out)
+    assert "Forgotten" in out.getvalue()
+    assert any_backend.get("cmd", made.key_digest) is None
+    assert [(s["scope"], s["key_digest"], s["owner"]) for s in sent] == [
+        ("cmd", made.key_digest, made.owner)
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_dedup_forget_refuses_an_unfinished_record_or_a_changed_owner(any_backend):
+    made = claim_on(any_backend, "running", 60)
+    with pytest.raises(CommandError, match=r"processing.*dedup_release"):
+        call_command("dedup_forget", "cmd", "running", "--noinput", stdout=io.StringIO())
+    any_backend.complete(made, None)
+    with pytest.raises(CommandError, match="owner changed"):
+        call_command(
+            "dedup_forget", "cmd", "running", "--noinput", "--owner", uuid.uuid4().hex,
+            stdout=io.StringIO(),
+        )  # fmt: skip
+    assert any_backend.get("cmd", made.key_digest) is not None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_dedup_forget_asks_before_it_deletes(any_backend, monkeypatch):
+    made = claim_on(any_backend, "done", 60)
+    any_backend.complete(made, None)
+    monkeypatch.setattr("builtins.input", lambda prompt: "no")
+    with pytest.raises(CommandError, match="Not forgotten"):
+        call_command("dedup_forget", "cmd", "done", stdout=io.StringIO())
+    assert any_backend.get("cmd", made.key_digest) is not None
+    monkeypatch.setattr("builtins.input", lambda prompt: "yes")
+    call_command("dedup_forget", "cmd", "done", stdout=io.StringIO())
+    assert any_backend.get("cmd", made.key_digest) is None
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("command", ["dedup_release", "dedup_forget"])
+def test_a_bad_owner_is_a_command_error(any_backend, command):
+    claim_on(any_backend, "k", 60)
+    with pytest.raises(CommandError, match=r"--owner .*32 hex"):
+        call_command(command, "cmd", "k", "--owner", "not-a-token", stdout=io.StringIO())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_no_record_hints_at_the_task_s_dotted_name(any_backend):
+    with pytest.raises(CommandError, match="scope is the task's dotted name"):
+        call_command("dedup_inspect", "ship_order", "order:1")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_inspect_prints_only_the_fields_that_apply(any_backend):
+    made = claim_on(any_backend, "done", 60)
+    out = io.StringIO()
+    call_command("dedup_inspect", "cmd", "done", stdout=out)
+    assert "lease_expired" in out.getvalue()
+    any_backend.complete(made, None)
+    out = io.StringIO()
+    call_command("dedup_inspect", "cmd", "done", stdout=out)
+    printed = out.getvalue()
+    assert "lease_expired" not in printed
+    assert "heartbeat_at" not in printed  # never set on this record
+    assert f"owner: {made.owner}" in printed
+
+
+@pytest.mark.parametrize(
+    "command", ["dedup_inspect", "dedup_release", "dedup_forget", "dedup_purge"]
+)
+def test_operator_commands_run_no_unrelated_system_checks(command):
+    from django.core.management import load_command_class
+
+    assert load_command_class("dedup_celery", command).requires_system_checks == []

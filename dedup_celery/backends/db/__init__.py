@@ -385,6 +385,15 @@ class DatabaseBackend(TransactionalBackend):
             return bool(cursor.rowcount == 1)
 
     @storage_errors
+    def forget(self, scope: str, key_digest: str, owner: str) -> bool:
+        """Compare-and-delete a CONSUMED or FAILED record (see :meth:`BaseBackend.forget`)."""
+        connection = connections[self.alias]
+        text = self._statement(connection, "forget")
+        with connection.cursor() as cursor:
+            cursor.execute(text, [scope, key_digest, owner_param(owner, connection)])
+            return bool(cursor.rowcount == 1)
+
+    @storage_errors
     def fail(self, claim: Claim) -> bool:
         """Leave a FAILED record for stale copies to meet (see :meth:`BaseBackend.fail`)."""
         return bool(

@@ -19,7 +19,7 @@ from dedup_celery.backends.base import (
     REPLACED_BY_CLAIMS,
 )
 from dedup_celery.clock import now_plus_literal, now_plus_sql, now_sql
-from dedup_celery.states import Status
+from dedup_celery.states import FORGETTABLE, Status
 
 #: Columns a claim's parameters fill, in RECORD_FIELDS order; the rest are the store's.
 CLAIM_PARAMETERS: tuple[str, ...] = tuple(
@@ -251,6 +251,18 @@ def release_sql(vendor: str, qn: Callable[[str], str], table: str, *, expired_on
         f"DELETE FROM {table} WHERE {qn('scope')} = %s AND {qn('key_digest')} = %s "
         f"AND {qn('owner')} = %s AND ({qn('status')} = {q(Status.POISONED)} OR "
         f"({qn('status')} = {q(Status.PROCESSING)}{live_ok}))"
+    )
+
+
+def forget_sql(vendor: str, qn: Callable[[str], str], table: str) -> str:
+    """Return the compare-and-delete of a CONSUMED or FAILED record (``forget``).
+
+    Parameters: scope, key digest, owner.
+    """
+    statuses = ", ".join(q(status) for status in FORGETTABLE)
+    return (
+        f"DELETE FROM {table} WHERE {qn('scope')} = %s AND {qn('key_digest')} = %s "
+        f"AND {qn('owner')} = %s AND {qn('status')} IN ({statuses})"
     )
 
 

@@ -267,6 +267,11 @@ class RedisBackend(BaseBackend):
         args = [uuid.UUID(owner).hex, "1" if expired_only else "0"]
         return bool(self._run("release", scope, key_digest, args))
 
+    @_storage_errors
+    def forget(self, scope: str, key_digest: str, owner: str) -> bool:
+        """Compare-and-delete a CONSUMED or FAILED record (see :meth:`BaseBackend.forget`)."""
+        return bool(self._run("forget", scope, key_digest, [uuid.UUID(owner).hex]))
+
     def _owned(
         self, scope: str, key_digest: str, owner: str, what: str, seconds: float, keep: float = 0
     ) -> bool:

@@ -20,6 +20,7 @@ SCRIPT_NAMES: tuple[str, ...] = (
     "claim",
     "complete",
     "release",
+    "forget",
     "owned",
     "expire_process",
     "get",

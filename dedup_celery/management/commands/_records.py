@@ -1,15 +1,19 @@
-"""Argument parsing and record printing shared by dedup_inspect and dedup_release."""
+"""Argument parsing and record printing shared by the operator commands."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import uuid
 from typing import Any
 
-from django.core.management.base import CommandError, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from dedup_celery.backends import get_backend
 from dedup_celery.backends.base import Record
 from dedup_celery.keys import digest, nested_key
+from dedup_celery.operator import inspect_record
+from dedup_celery.states import Status
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
@@ -46,10 +50,56 @@ def key_digest_from(options: dict[str, Any]) -> str:
     return str(key)
 
 
+def add_owner_argument(parser: CommandParser, what: str) -> None:
+    """Add ``--owner``; *what* starts its help ("Release only if this is still the owner token")."""
+    parser.add_argument("--owner", help=f"{what} (as dedup_inspect printed it: 32 hex digits).")
+
+
+def owner_from(options: dict[str, Any]) -> str | None:
+    """Return ``--owner`` as the 32 hex digits every command prints, or None if not given."""
+    value = options.get("owner")
+    if not value:
+        return None
+    try:
+        return uuid.UUID(value).hex
+    except ValueError:
+        raise CommandError(
+            f"--owner {value!r} is not an owner token: give it as dedup_inspect prints it "
+            "(32 hex digits)."
+        ) from None
+
+
+def no_record(scope: str) -> CommandError:
+    """The error for a scope and key with no record, with where the two usually come from."""
+    return CommandError(
+        f"No record for that scope and key in the {get_backend().describe()}. The scope is "
+        f"the task's dotted name (for example 'shop.tasks.ship_order'; {scope!r} was given) "
+        "unless the task sets dedup_scope, and the key is the task id unless it sets dedup_key."
+    )
+
+
 def format_record(record: Record) -> str:
-    """Render a record as ``name: value`` lines."""
+    """Render a record as ``name: value`` lines, leaving out the fields that do not apply.
+
+    A field with no value is not printed, nor ``lease_expired`` for a record that
+    is not PROCESSING (only a PROCESSING record's lease decides anything).
+    """
     lines = []
     for field in dataclasses.fields(record):
         value = getattr(record, field.name)
-        lines.append(f"{field.name:>18}: {'' if value is None else value}")
+        if value is None or (field.name == "lease_expired" and record.status != Status.PROCESSING):
+            continue
+        lines.append(f"{field.name:>18}: {value}")
     return "\n".join(lines)
+
+
+def show_record(command: BaseCommand, scope: str, key_digest: str) -> Record:
+    """Read the record of (scope, key digest), print it on *command*'s stdout, and return it.
+
+    Raises :func:`no_record`'s error when there is none.
+    """
+    record = inspect_record(scope, key_digest)
+    if record is None:
+        raise no_record(scope)
+    command.stdout.write(format_record(record))
+    return record

@@ -12,6 +12,7 @@ class Command(BaseCommand):
     """Delete message records whose expiry has passed, in batches."""
 
     help = "Delete expired dedup_celery message records, in batches."
+    requires_system_checks: list[str] = []
 
     def add_arguments(self, parser: CommandParser) -> None:
         """Add --batch-size and --dry-run."""

@@ -4,13 +4,14 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from dedup_celery.backends import get_backend
 from dedup_celery.management.commands._records import (
+    add_owner_argument,
     add_record_arguments,
-    format_record,
     key_digest_from,
+    owner_from,
+    show_record,
 )
-from dedup_celery.operator import inspect_record, release_record
+from dedup_celery.operator import release_record
 from dedup_celery.states import RELEASABLE, may_release
 
 
@@ -22,14 +23,12 @@ class Command(BaseCommand):
         "--force, only if the owner is still the one printed (or given with --owner). "
         "Re-sends nothing."
     )
+    requires_system_checks: list[str] = []
 
     def add_arguments(self, parser: CommandParser) -> None:
         """Add scope, key, --digest, --owner and --force."""
         add_record_arguments(parser)
-        parser.add_argument(
-            "--owner",
-            help="Release only if this is still the owner token (as dedup_inspect printed it).",
-        )
+        add_owner_argument(parser, "Release only if this is still the owner token")
         parser.add_argument(
             "--force",
             action="store_true",
@@ -39,17 +38,13 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         """Compare-and-delete the record and say what happened."""
         scope, key_digest, force = options["scope"], key_digest_from(options), options["force"]
-        record = inspect_record(scope, key_digest)
-        if record is None:
-            raise CommandError(
-                f"No record for that scope and key in the {get_backend().describe()}."
-            )
-        self.stdout.write(format_record(record))
+        given_owner = owner_from(options)
+        record = show_record(self, scope, key_digest)
         if record.status not in RELEASABLE:
             raise CommandError(
                 f"The record is {record.status}, not processing or poisoned: not released."
             )
-        owner = options["owner"] or record.owner or ""
+        owner = given_owner or record.owner or ""
         if not release_record(scope, key_digest, owner, force=force):
             # The store decided; say why, as far as the record read before shows it.
             live = not may_release(record.status, lease_expired=record.lease_expired, force=force)
