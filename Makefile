@@ -14,9 +14,9 @@ MYSQL_STAMP := $(VENV)/.mysqlclient-stamp
 
 .PHONY: test demo soak lint tox constraints packages clean bench bench-overhead
 
+# pip 25.1 is the first to read dependency groups (pyproject.toml's "dev").
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# pip 25.1 is the first to read dependency groups (pyproject.toml's "dev").
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "pip>=25.1"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
 		-c constraints.txt -e . --group dev

@@ -107,6 +107,35 @@ class Record:
     lease_expired: bool | None = None
 
 
+@dataclass(frozen=True)
+class RecordFilter:
+    """Which records an operator's listing asks for (``dedup_inspect`` without a key).
+
+    Every condition given must hold. *older_than* is in seconds of age
+    (``created_at``) by the store's clock; *limit* bounds the records returned.
+    """
+
+    status: str | None = None
+    scope: str | None = None
+    task_name: str | None = None
+    older_than: float | None = None
+    limit: int = 50
+
+
+@dataclass(frozen=True)
+class RecordListing:
+    """The records a listing found, newest first, and whether the search was complete.
+
+    *complete* is False when *limit* records were found (more may match) or when
+    a store that has no index to search (Redis) stopped at its scan bound.
+    """
+
+    records: list[Record]
+    complete: bool
+    #: Keys a scan looked at (Redis), or None where an index answered (the database).
+    scanned: int | None = None
+
+
 #: The stored fields of a record (the message table's columns), in order.
 RECORD_FIELDS: tuple[str, ...] = tuple(
     f.name for f in dataclasses.fields(Record) if f.name != "lease_expired"
@@ -439,6 +468,14 @@ class BaseBackend:
     def get(self, scope: str, key_digest: str) -> Record | None:
         """Return the record for (scope, key digest), or None. Read only."""
         raise self._missing("get")
+
+    def list_records(self, wanted: RecordFilter) -> RecordListing:
+        """Return the records *wanted* names, newest first; read only.
+
+        For operators: it may scan (Redis has no secondary index), so it is
+        never called on a delivery's path.
+        """
+        raise self._missing("list_records")
 
     def purge_expired(
         self, *, batch_size: int = 1000, dry_run: bool = False, pause: float = 0.0

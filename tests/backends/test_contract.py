@@ -584,3 +584,32 @@ def test_every_duplicate_is_counted_as_what_its_claim_was_told(backend):
         told = verdicts[-8:]
         assert told.count(Verdict.IN_FLIGHT) == stored.rescheduled, told
         assert told.count(Verdict.CONSUMED) == stored.skipped, told
+
+
+def test_a_listing_filters_by_status_scope_task_and_age_newest_first(backend):
+    from dedup_celery.backends.base import RecordFilter
+
+    old = make_claim("k-old", task_name="tests.old")
+    backend.claim(old)
+    backend.complete(old, None)
+    time.sleep(1.1)
+    backend.claim(make_claim("k-new"))
+    backend.claim(make_claim("k-other", scope="scope-b"))
+    listed = backend.list_records(RecordFilter())
+    assert [r.key for r in listed.records][-1] == "k-old"
+    assert {r.key for r in listed.records} == {"k-old", "k-new", "k-other"}
+    assert listed.complete
+
+    def keys(**wanted):
+        return {r.key for r in backend.list_records(RecordFilter(**wanted)).records}
+
+    assert keys(status=Status.CONSUMED) == {"k-old"}
+    assert keys(scope="scope-b") == {"k-other"}
+    assert keys(task_name="tests.old") == {"k-old"}
+    assert keys(older_than=1.0) == {"k-old"}
+    assert keys(status=Status.PROCESSING, scope=SCOPE) == {"k-new"}
+    first = backend.list_records(RecordFilter(limit=1))
+    assert len(first.records) == 1
+    assert not first.complete
+    processing = backend.list_records(RecordFilter(status=Status.PROCESSING, scope=SCOPE))
+    assert processing.records[0].lease_expired is False

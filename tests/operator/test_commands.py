@@ -215,3 +215,53 @@ def test_operator_commands_run_no_unrelated_system_checks(command):
     from django.core.management import load_command_class
 
     assert load_command_class("dedup_celery", command).requires_system_checks == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_dedup_inspect_lists_records_as_text_or_json(any_backend):
+    import json
+
+    done = claim_on(any_backend, "done", 60)
+    any_backend.complete(done, None)
+    running = claim_on(any_backend, "running", 60)
+    out = io.StringIO()
+    call_command("dedup_inspect", stdout=out)
+    text = out.getvalue()
+    assert "2 record(s)" in text
+    assert running.owner in text
+    assert done.owner in text
+    out = io.StringIO()
+    call_command("dedup_inspect", "--status", "processing", "--json", stdout=out)
+    listing = json.loads(out.getvalue())
+    assert [r["key"] for r in listing["records"]] == ["running"]
+    assert listing["records"][0]["lease_expired"] is False
+    out = io.StringIO()
+    call_command("dedup_inspect", "cmd", "done", "--json", stdout=out)
+    assert "lease_expired" not in json.loads(out.getvalue())
+    out = io.StringIO()
+    call_command("dedup_inspect", "--limit", "1", stdout=out)
+    assert "More may match" in out.getvalue()
+    out = io.StringIO()
+    call_command("dedup_inspect", "--older-than", "1h", stdout=out)
+    assert "0 record(s)" in out.getvalue()
+    with pytest.raises(CommandError, match="--older-than"):
+        call_command("dedup_inspect", "--older-than", "soon")
+    with pytest.raises(CommandError, match="give SCOPE and KEY"):
+        call_command("dedup_inspect", "--digest")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_redis_listing_says_when_its_scan_stopped(settings, redis_url):
+    from dedup_celery.backends.base import RecordFilter
+
+    settings.DEDUP_CELERY = {
+        "BACKEND": "redis",
+        "OPTIONS": {"url": f"{redis_url}/6", "key_prefix": f"cmd:{uuid.uuid4().hex[:8]}:"},
+    }
+    backend = get_backend()
+    for key in ("a", "b", "c"):
+        claim_on(backend, key, 60)
+    cut = backend.list_records(RecordFilter(), scan_limit=2, batch=1)
+    assert (len(cut.records), cut.scanned, cut.complete) == (2, 2, False)
+    whole = backend.list_records(RecordFilter(), batch=2)
+    assert (len(whole.records), whole.scanned, whole.complete) == (3, 3, True)

@@ -22,6 +22,8 @@ from dedup_celery.backends.base import (
     ClaimOutcome,
     OwnerIdentity,
     Record,
+    RecordFilter,
+    RecordListing,
     TransactionalBackend,
     TransactionalClaim,
     Verdict,
@@ -453,6 +455,21 @@ class DatabaseBackend(TransactionalBackend):
     def get(self, scope: str, key_digest: str) -> Record | None:
         """Return the record with a ``lease_expired`` flag computed by the database."""
         return self._records().fetch(scope, key_digest, with_lease=True)
+
+    @storage_errors
+    def list_records(self, wanted: RecordFilter) -> RecordListing:
+        """The records *wanted* names, newest first, through the table's indexes."""
+        rows = self._records().with_lease_expired()
+        if wanted.status:
+            rows = rows.filter(status=wanted.status)
+        if wanted.scope:
+            rows = rows.filter(scope=wanted.scope)
+        if wanted.task_name:
+            rows = rows.filter(task_name=wanted.task_name)
+        if wanted.older_than is not None:
+            rows = rows.filter(created_at__lt=NowPlus(-wanted.older_than))
+        found = [obj.as_record() for obj in rows.order_by("-created_at")[: wanted.limit + 1]]
+        return RecordListing(found[: wanted.limit], complete=len(found) <= wanted.limit)
 
     @storage_errors
     def purge_expired(

@@ -39,6 +39,8 @@ from dedup_celery.backends.base import (
     ClaimOutcome,
     OwnerIdentity,
     Record,
+    RecordFilter,
+    RecordListing,
     claimant_tuple,
     first_claim_outcome,
     outcome_for,
@@ -132,6 +134,25 @@ _DECODE: dict[str, Callable[[Any], Any]] = {
     "datetime?": lambda v: None if _empty(v) else _ms_to_datetime(v),
     "json": lambda v: None if _empty(v) else json.loads(v),
 }
+
+
+_EPOCH = datetime.datetime.fromtimestamp(0, tz=datetime.timezone.utc)
+
+
+def _matches(record: Record, flat: list[Any], wanted: RecordFilter) -> bool:
+    """Whether *record* (read with the store's "now", the last pair of *flat*) is *wanted*."""
+    if wanted.status and record.status != wanted.status:
+        return False
+    if wanted.scope and record.scope != wanted.scope:
+        return False
+    if wanted.task_name and record.task_name != wanted.task_name:
+        return False
+    if wanted.older_than is not None:
+        now = _ms_to_datetime(flat[-1])
+        age = now - (record.created_at or now)
+        if age.total_seconds() <= wanted.older_than:
+            return False
+    return True
 
 
 class RedisBackend(BaseBackend):
@@ -310,6 +331,41 @@ class RedisBackend(BaseBackend):
     def get(self, scope: str, key_digest: str) -> Record | None:
         """Return the record, with ``lease_expired`` judged by Redis's clock."""
         return self._record(self._run("get", scope, key_digest, []))
+
+    @_storage_errors
+    def list_records(
+        self, wanted: RecordFilter, *, scan_limit: int = 100_000, batch: int = 500
+    ) -> RecordListing:
+        """The records *wanted* names, newest first, from a bounded SCAN of the prefix.
+
+        Redis keeps no second index (a script may only touch keys of one hash
+        slot), so this reads each key under the prefix, at most *scan_limit* of
+        them, and filters here; a listing that stopped there says so
+        (``complete`` is False).
+        """
+        get = self._scripts["get"]
+        found: list[Record] = []
+        scanned = 0
+        keys = self.client.scan_iter(match=f"{self.key_prefix}*", count=batch)
+        exhausted = True
+        while True:
+            chunk = [key for _, key in zip(range(batch), keys, strict=False)]
+            if not chunk:
+                break
+            pipe = self.client.pipeline(transaction=False)
+            for key in chunk:
+                get(keys=[key], args=[], client=pipe)
+            for flat in pipe.execute():
+                record = self._record(flat)
+                if record is not None and _matches(record, flat, wanted):
+                    found.append(record)
+            scanned += len(chunk)
+            if scanned >= scan_limit:
+                exhausted = False
+                break
+        found.sort(key=lambda r: r.created_at or _EPOCH, reverse=True)
+        complete = exhausted and len(found) <= wanted.limit
+        return RecordListing(found[: wanted.limit], complete=complete, scanned=scanned)
 
     @_storage_errors
     def purge_expired(

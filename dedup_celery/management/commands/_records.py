@@ -20,8 +20,13 @@ _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 def add_record_arguments(parser: CommandParser) -> None:
     """Add ``scope``, ``key``, ``--replaced`` and ``--digest``."""
-    parser.add_argument("scope", help="The record's scope (by default the task name).")
+    parser.add_argument("scope", help="The record's scope (by default the task's dotted name).")
     parser.add_argument("key", help="The message key (by default the task id).")
+    add_key_options(parser)
+
+
+def add_key_options(parser: CommandParser) -> None:
+    """Add ``--replaced`` and ``--digest``, which say how KEY names the record."""
     parser.add_argument(
         "--replaced",
         type=int,
