@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from celery.contrib.django.task import DjangoTask
 
 from dedup_celery.delivery import deliver
 from dedup_celery.options import USE_SETTING
 
+if TYPE_CHECKING:
+    _Base = DjangoTask[Any, Any]
+else:
+    _Base = DjangoTask  # Celery's Task is subscriptable only from 5.7
 
-class DedupTask(DjangoTask[Any, Any]):
+
+class DedupTask(_Base):
     """A Celery task whose body takes effect once per message, however often it is delivered.
 
     Use it as the base of a task: ``@shared_task(base=DedupTask)``. Options are

@@ -78,6 +78,14 @@ def test_the_wheel_holds_the_package_data(built):
     }
     assert len(wanted) > 10
     assert wanted - names == set()
+    # What the code loads, named apart from the tree, so a file deleted from it shows too.
+    from dedup_celery.backends.redis.scripts import SCRIPT_NAMES
+
+    lua = {n for n in names if n.startswith("dedup_celery/backends/redis/lua/")}
+    assert lua == {f"dedup_celery/backends/redis/lua/{name}.lua" for name in SCRIPT_NAMES}
+    templates = "dedup_celery/templates/admin/dedup_celery/deduprecord/"
+    for page in ("action", "release", "forget"):
+        assert f"{templates}{page}_confirmation.html" in names
     assert not [name for name in names if name.startswith(("tests/", "harness/", "benchmarks/"))]
 
 
@@ -169,3 +177,37 @@ def test_readme_links_work_on_pypi():
     targets = re.findall(r"\]\(([^)\s]+)", (REPO / "README.md").read_text("utf-8"))
     assert targets
     assert [t for t in targets if not t.startswith(("https://", "http://", "#"))] == []
+
+
+def test_the_package_imports_with_the_oldest_celery_and_django_it_declares(tmp_path):
+    # CI's own environment has the newest Celery: this catches what only an older one refuses
+    # at import (a Celery class subscripted at run time, say).
+    setup = configparser.ConfigParser(interpolation=None)
+    setup.read(REPO / "setup.cfg")
+    requires = setup["options"]["install_requires"]
+    celery_floor = re.search(r"celery>=([\d.]+)", requires).group(1)
+    django_floor = re.search(r"Django>=([\d.]+)", requires).group(1)
+    venv = tmp_path / "oldest"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         f"celery=={celery_floor}.*", f"Django=={django_floor}.*"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stdout + install.stderr
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import django; "
+        "from django.conf import settings; "
+        "settings.configure(INSTALLED_APPS=['django.contrib.admin', 'django.contrib.auth', "
+        "'django.contrib.contenttypes', 'dedup_celery'], "
+        "DATABASES={'default': {'ENGINE': 'django.db.backends.sqlite3', 'NAME': ':memory:'}}); "
+        "django.setup(); import celery; "
+        "import dedup_celery.task, dedup_celery.admin, dedup_celery.checks, dedup_celery.worker; "
+        "print(celery.__version__)"
+    )
+    run = subprocess.run(
+        [str(python), "-c", script, str(REPO)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip().startswith(celery_floor)

@@ -122,6 +122,10 @@ class RecordFilter:
     limit: int = 50
 
 
+#: The most keys a listing reads where no index answers it (the Redis backend's SCAN).
+SCAN_LIMIT = 100_000
+
+
 @dataclass(frozen=True)
 class RecordListing:
     """The records a listing found, newest first, and whether the search was complete.

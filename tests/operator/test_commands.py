@@ -158,7 +158,7 @@ def test_dedup_forget_refuses_an_unfinished_record_or_a_changed_owner(any_backen
     with pytest.raises(CommandError, match=r"processing.*dedup_release"):
         call_command("dedup_forget", "cmd", "running", "--noinput", stdout=io.StringIO())
     any_backend.complete(made, None)
-    with pytest.raises(CommandError, match="owner changed"):
+    with pytest.raises(CommandError, match="not the one given with --owner"):
         call_command(
             "dedup_forget", "cmd", "running", "--noinput", "--owner", uuid.uuid4().hex,
             stdout=io.StringIO(),
@@ -244,7 +244,7 @@ def test_dedup_inspect_lists_records_as_text_or_json(any_backend):
     out = io.StringIO()
     call_command("dedup_inspect", "--older-than", "1h", stdout=out)
     assert "0 record(s)" in out.getvalue()
-    with pytest.raises(CommandError, match="--older-than"):
+    with pytest.raises(CommandError, match="'soon' is not an age"):
         call_command("dedup_inspect", "--older-than", "soon")
     with pytest.raises(CommandError, match="give SCOPE and KEY"):
         call_command("dedup_inspect", "--digest")

@@ -34,6 +34,7 @@ from django.core import checks
 from dedup_celery.backends.base import (
     FIELD_KINDS,
     RECORD_FIELDS,
+    SCAN_LIMIT,
     BaseBackend,
     Claim,
     ClaimOutcome,
@@ -220,6 +221,15 @@ class RedisBackend(BaseBackend):
         """Name the Redis server and prefix the records are under."""
         return f"Redis at {self.safe_url} (prefix {self.key_prefix!r})"
 
+    def key_pattern(self) -> str:
+        """The SCAN pattern of this backend's records, and of nothing else under the prefix.
+
+        The prefix is glob-escaped, and the two digests are matched as 64
+        characters each, so ``dedup:`` does not also match ``dedup:staging:``.
+        """
+        prefix = "".join(f"\\{ch}" if ch in "*?[]\\" else ch for ch in self.key_prefix)
+        return f"{prefix}{'?' * 64}:{'?' * 64}"
+
     def redis_key(self, scope: str, key_digest: str) -> str:
         """Return the Redis key of a record: prefix, sha256 of the scope, key digest."""
         return f"{self.key_prefix}{_scope_digest(scope)}:{key_digest}"
@@ -334,7 +344,7 @@ class RedisBackend(BaseBackend):
 
     @_storage_errors
     def list_records(
-        self, wanted: RecordFilter, *, scan_limit: int = 100_000, batch: int = 500
+        self, wanted: RecordFilter, *, scan_limit: int = SCAN_LIMIT, batch: int = 500
     ) -> RecordListing:
         """The records *wanted* names, newest first, from a bounded SCAN of the prefix.
 
@@ -345,17 +355,22 @@ class RedisBackend(BaseBackend):
         """
         get = self._scripts["get"]
         found: list[Record] = []
+        seen: set[bytes] = set()  # SCAN may return a key more than once
         scanned = 0
-        keys = self.client.scan_iter(match=f"{self.key_prefix}*", count=batch)
+        keys = self.client.scan_iter(match=self.key_pattern(), count=batch)
         exhausted = True
         while True:
-            chunk = [key for _, key in zip(range(batch), keys, strict=False)]
-            if not chunk:
+            raw = [key for _, key in zip(range(batch), keys, strict=False)]
+            if not raw:
                 break
+            chunk = [key for key in dict.fromkeys(raw) if key not in seen]
+            seen.update(chunk)
             pipe = self.client.pipeline(transaction=False)
             for key in chunk:
                 get(keys=[key], args=[], client=pipe)
-            for flat in pipe.execute():
+            for flat in pipe.execute(raise_on_error=False):
+                if isinstance(flat, Exception):
+                    continue  # not a record hash (WRONGTYPE): nothing to list
                 record = self._record(flat)
                 if record is not None and _matches(record, flat, wanted):
                     found.append(record)
@@ -382,7 +397,7 @@ class RedisBackend(BaseBackend):
         total = 0
         batch: list[str] = []
         purge = self._scripts["purge"]
-        for key in self.client.scan_iter(match=f"{self.key_prefix}*", count=batch_size):
+        for key in self.client.scan_iter(match=self.key_pattern(), count=batch_size):
             batch.append(_text(key))
             if len(batch) >= batch_size:
                 total += int(purge(keys=batch, args=["1" if dry_run else "0"]))

@@ -47,7 +47,9 @@ class Command(BaseCommand):
                 f"The record is {record.status}, not consumed or failed: not forgotten. "
                 "An unfinished (processing or poisoned) record is released with dedup_release."
             )
-        owner = given_owner or record.owner or ""
+        owner = given_owner or record.owner
+        if owner is None:
+            raise CommandError("The record has no owner token to compare against: not forgotten.")
         if options["interactive"]:
             answer = input(
                 "Forget this record? The next delivery of its message will run the body "
@@ -57,7 +59,9 @@ class Command(BaseCommand):
                 raise CommandError("Not forgotten: not confirmed.")
         if not forget_record(scope, key_digest, owner):
             raise CommandError(
-                "Not forgotten: the record changed since it was read (its owner changed, or "
+                "Not forgotten: its owner is not the one given with --owner."
+                if given_owner and given_owner != record.owner
+                else "Not forgotten: the record changed since it was read (its owner changed: "
                 "a delivery claimed it again)."
             )
         self.stdout.write(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -12,7 +13,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
 from dedup_celery.backends import get_backend
-from dedup_celery.backends.base import Record, RecordFilter, RecordListing
+from dedup_celery.backends.base import SCAN_LIMIT, Record, RecordFilter, RecordListing
+from dedup_celery.conf import MAX_SECONDS
 from dedup_celery.keys import display_key
 from dedup_celery.management.commands._records import (
     add_key_options,
@@ -28,17 +30,26 @@ _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def duration(text: str) -> float:
-    """Parse ``90``, ``90s``, ``15m``, ``2h`` or ``7d`` into seconds."""
+    """Parse ``90``, ``90s``, ``15m``, ``2h`` or ``7d`` into seconds (argparse's ``type``)."""
     match = _DURATION.fullmatch(text.strip())
     if not match:
-        raise CommandError(f"--older-than {text!r}: give seconds, or a number with s, m, h or d.")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an age: give seconds, or a number with s, m, h or d (15m, 2h, 7d)."
+        )
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text!r} is longer than any record lives.")
+    return seconds
 
 
 def _age(record: Record, now: datetime.datetime) -> str:
-    if record.created_at is None:
+    """How long ago *record* was created; *now* is aware, in UTC."""
+    created = record.created_at
+    if created is None:
         return "-"
-    seconds = max(0, int((now - record.created_at).total_seconds()))
+    if timezone.is_naive(created):  # USE_TZ = False: the stores write UTC
+        created = created.replace(tzinfo=datetime.timezone.utc)
+    seconds = max(0, int((now - created).total_seconds()))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit}"
@@ -126,7 +137,7 @@ class Command(BaseCommand):
             self.stdout.write(format_record(record))
 
     def _table(self, listing: RecordListing, wanted: RecordFilter) -> None:
-        now = timezone.now()
+        now = datetime.datetime.now(datetime.timezone.utc)
         self.stdout.write(
             f"{'STATUS':<10} {'TASK':<32} {'KEY':<24} {'SKIP':>5} {'RESCH':>5} "
             f"{'TAKE':>4} {'AGE':>5}  OWNER"
@@ -138,14 +149,15 @@ class Command(BaseCommand):
                 f"{r.owner or '-'}"
             )
         self.stdout.write(f"{len(listing.records)} record(s) in the {get_backend().describe()}.")
-        if not listing.complete:
-            if len(listing.records) >= wanted.limit:
-                self.stdout.write(
-                    f"More may match: raise --limit (now {wanted.limit}), or narrow with "
-                    "--status, --task or --older-than."
-                )
-            else:
-                self.stdout.write(
-                    f"The scan stopped after {listing.scanned} keys: others under the prefix "
-                    "were not read. Narrow the listing, or purge expired records first."
-                )
+        if listing.complete:
+            return
+        if len(listing.records) >= wanted.limit:
+            self.stdout.write(
+                f"More may match: raise --limit (now {wanted.limit}), or narrow with "
+                "--status, --task or --older-than."
+            )
+        if listing.scanned is not None and listing.scanned >= SCAN_LIMIT:
+            self.stdout.write(
+                f"The scan stopped after {listing.scanned} keys: others under the prefix "
+                "were not read. Narrow the listing, or purge expired records first."
+            )

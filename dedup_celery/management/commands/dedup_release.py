@@ -44,7 +44,9 @@ class Command(BaseCommand):
             raise CommandError(
                 f"The record is {record.status}, not processing or poisoned: not released."
             )
-        owner = given_owner or record.owner or ""
+        owner = given_owner or record.owner
+        if owner is None:
+            raise CommandError("The record has no owner token to compare against: not released.")
         if not release_record(scope, key_digest, owner, force=force):
             # The store decided; say why, as far as the record read before shows it.
             live = not may_release(record.status, lease_expired=record.lease_expired, force=force)
