@@ -24,6 +24,7 @@ id                        problem
 ``dedup_celery.W007``     the Celery app's tasks could not be inspected
 ``dedup_celery.W008``     Redis may evict dedup records (``maxmemory-policy``)
 ``dedup_celery.W009``     the heartbeat interval is not below half the lease
+``dedup_celery.W010``     Celery's Django fixup closes connections per task (worker start)
 ========================  ==========================================================
 
 The checks of Celery configuration never raise, and apart from tasks that can never
@@ -36,9 +37,11 @@ logs the warnings once it is ready.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from importlib import import_module
 from importlib.util import find_spec
 from typing import Any
@@ -81,16 +84,30 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     try:
         build_backend()
     except DedupConfigurationError as exc:
-        return [
-            checks.Error(
-                str(exc),
-                hint='Set DEDUP_CELERY["BACKEND"] to "db" or to the dotted path of a '
-                "BaseBackend subclass, OPTIONS to the keyword arguments it accepts, and "
-                "DATABASE only for a backend that keeps its records in a database.",
-                id="dedup_celery.E004",
-            )
-        ]
+        return [checks.Error(str(exc), hint=_backend_hint(), id="dedup_celery.E004")]
     return []
+
+
+def _backend_hint() -> str:
+    """The hint of ``E004``: what to change in the key that is actually wrong."""
+    from dedup_celery.backends import BACKEND_ALIASES, load_backend_class
+
+    conf = {**DEFAULTS, **raw_settings()}
+    try:
+        cls = load_backend_class(conf["BACKEND"])
+    except DedupConfigurationError:
+        aliases = ", ".join(repr(alias) for alias in sorted(BACKEND_ALIASES))
+        return (
+            f'Set DEDUP_CELERY["BACKEND"] to {aliases}, or to the dotted path of a '
+            "dedup_celery.backends.base.BaseBackend subclass."
+        )
+    if conf["DATABASE"] is not None and "database" not in inspect.signature(cls).parameters:
+        return 'Remove DEDUP_CELERY["DATABASE"]: this backend keeps no records in a database.'
+    accepted = ", ".join(cls.accepted_options) or "none"
+    return (
+        f'Give DEDUP_CELERY["OPTIONS"] only what the {cls.__name__} backend accepts '
+        f"({accepted}), with valid values."
+    )
 
 
 @checks.register(TAG)
@@ -155,13 +172,17 @@ def _retry_horizon(task: Any) -> float | None:
 
 @checks.register(TAG)
 def check_celery_tasks(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """Check every DedupTask's options and the Celery settings they depend on."""
+    """Check every DedupTask's options and the Celery settings they depend on.
+
+    A finding that concerns several tasks in the same words is one message that
+    names them all, not one copy per task.
+    """
     if validate(raw_settings()):
         return []  # check_settings reports those; the numbers below would be wrong.
     try:
         app = _current_celery_app()
         tasks = dedup_tasks(app)
-        return list(_task_messages(app, tasks))
+        return _grouped(_task_messages(app, tasks))
     except Exception as exc:
         return [
             checks.Warning(
@@ -174,7 +195,36 @@ def check_celery_tasks(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
         ]
 
 
-def _task_messages(app: Any, tasks: Iterable[Any]) -> Iterable[checks.CheckMessage]:
+@dataclass(frozen=True)
+class _Finding:
+    """One task's finding, before findings in the same words are merged."""
+
+    level: type[checks.CheckMessage]
+    id: str
+    text: str
+    hint: str
+    task: str
+
+
+def _grouped(findings: Iterable[_Finding | checks.CheckMessage]) -> list[checks.CheckMessage]:
+    """One message per (id, text, hint), naming every task it concerns, in a stable order."""
+    tasks: dict[tuple[Any, str, str, str], list[str]] = defaultdict(list)
+    messages: list[checks.CheckMessage] = []
+    for finding in findings:
+        if isinstance(finding, checks.CheckMessage):
+            messages.append(finding)
+        else:
+            key = (finding.level, finding.id, finding.text, finding.hint)
+            tasks[key].append(finding.task)
+    for (level, id_, text, hint), names in tasks.items():
+        names = sorted(set(names))
+        subject = ", ".join(repr(name) for name in names)
+        noun = "Task" if len(names) == 1 else f"{len(names)} tasks"
+        messages.append(level(f"{noun} {subject}: {text}", hint=hint, obj=", ".join(names), id=id_))
+    return sorted(messages, key=lambda m: (m.id or "", str(m.obj)))
+
+
+def _task_messages(app: Any, tasks: Iterable[Any]) -> Iterable[_Finding | checks.CheckMessage]:
     from dedup_celery.backends import load_backend_class
     from dedup_celery.backends.base import TransactionalBackend
 
@@ -184,94 +234,103 @@ def _task_messages(app: Any, tasks: Iterable[Any]) -> Iterable[checks.CheckMessa
     for task in tasks:
         problems = option_errors(task)
         if problems:
-            yield checks.Error(
-                f"Task {task.name!r} has invalid dedup options: " + "; ".join(problems) + ".",
-                hint="Fix the options given to the task decorator.",
-                obj=task.name,
-                id="dedup_celery.E007",
+            yield _Finding(
+                checks.Error,
+                "dedup_celery.E007",
+                "invalid dedup options: " + "; ".join(problems) + ".",
+                "Fix the options given to the task decorator.",
+                task.name,
             )
             continue
         options = resolve(task)
         modes[options.scope][options.transactional].append(task.name)
         if options.transactional and not issubclass(backend_cls, TransactionalBackend):
-            yield checks.Error(
-                f"Task {task.name!r} sets dedup_transactional=True, but the "
+            yield _Finding(
+                checks.Error,
+                "dedup_celery.E008",
+                "dedup_transactional=True, but the "
                 f"{backend_cls.__name__} backend has no transactions.",
-                hint='Use DEDUP_CELERY["BACKEND"] = "db", or drop dedup_transactional.',
-                obj=task.name,
-                id="dedup_celery.E008",
+                'Use DEDUP_CELERY["BACKEND"] = "db", or drop dedup_transactional.',
+                task.name,
             )
         if not task.acks_late:
-            yield checks.Warning(
-                f"Task {task.name!r} is a DedupTask with acks_late=False: a worker that "
+            yield _Finding(
+                checks.Warning,
+                "dedup_celery.W001",
+                "acks_late=False on a DedupTask: a worker that "
                 "dies while it runs loses the message.",
-                hint="Remove acks_late=False from the task (DedupTask turns it on).",
-                obj=task.name,
-                id="dedup_celery.W001",
+                "Remove acks_late=False from the task (DedupTask turns it on).",
+                task.name,
             )
         if not task.reject_on_worker_lost:
-            yield checks.Warning(
-                f"Task {task.name!r} is a DedupTask with reject_on_worker_lost=False: the "
+            yield _Finding(
+                checks.Warning,
+                "dedup_celery.W002",
+                "reject_on_worker_lost=False on a DedupTask: the "
                 "message of a killed worker child is acked instead of redelivered.",
-                hint="Remove reject_on_worker_lost=False from the task (DedupTask turns it on).",
-                obj=task.name,
-                id="dedup_celery.W002",
+                "Remove reject_on_worker_lost=False from the task (DedupTask turns it on).",
+                task.name,
             )
         if task.track_started:
-            yield checks.Warning(
-                f"Task {task.name!r} is a DedupTask with track_started=True: a redelivered "
+            yield _Finding(
+                checks.Warning,
+                "dedup_celery.W003",
+                "track_started=True on a DedupTask: a redelivered "
                 "duplicate writes STARTED over the original's stored SUCCESS before it is "
                 "skipped.",
-                hint="Set track_started=False on this task (or task_track_started=False).",
-                obj=task.name,
-                id="dedup_celery.W003",
+                "Set track_started=False on the task (or task_track_started=False).",
+                task.name,
             )
         countdown = options.retry_countdown
         record_ttl = options.record_ttl
         processing_timeout = options.processing_timeout
         if visibility_timeout is not None and countdown >= visibility_timeout:
-            yield checks.Warning(
-                f"Task {task.name!r}: RETRY_COUNTDOWN ({countdown:g} s) is not below the "
+            yield _Finding(
+                checks.Warning,
+                "dedup_celery.W004",
+                f"RETRY_COUNTDOWN ({countdown:g} s) is not below the "
                 f"broker's visibility timeout ({visibility_timeout:g} s), so every "
                 "rescheduled duplicate is itself redelivered again.",
-                hint="Lower RETRY_COUNTDOWN (or dedup_retry_countdown) below "
+                "Lower RETRY_COUNTDOWN (or dedup_retry_countdown) below "
                 "broker_transport_options['visibility_timeout'].",
-                obj=task.name,
-                id="dedup_celery.W004",
+                task.name,
             )
         horizon = _retry_horizon(task)
         limits = [v for v in (visibility_timeout, horizon) if v]
         if limits and record_ttl < max(limits):
-            yield checks.Warning(
-                f"Task {task.name!r}: RECORD_TTL ({record_ttl:g} s) is shorter than the "
+            yield _Finding(
+                checks.Warning,
+                "dedup_celery.W005",
+                f"RECORD_TTL ({record_ttl:g} s) is shorter than the "
                 f"broker's visibility timeout or the task's retry horizon ({max(limits):g} s); "
                 "a copy arriving after the record expired runs the body again.",
-                hint="Raise RECORD_TTL (or dedup_record_ttl) above both.",
-                obj=task.name,
-                id="dedup_celery.W005",
+                "Raise RECORD_TTL (or dedup_record_ttl) above both.",
+                task.name,
             )
         heartbeat = options.heartbeat_interval
         if heartbeat is not None and heartbeat * 2 > processing_timeout:
-            yield checks.Warning(
-                f"Task {task.name!r}: the heartbeat interval ({heartbeat:g} s) is not below "
+            yield _Finding(
+                checks.Warning,
+                "dedup_celery.W009",
+                f"the heartbeat interval ({heartbeat:g} s) is not below "
                 f"half of PROCESSING_TIMEOUT ({processing_timeout:g} s); one late renewal "
                 "loses the lease.",
-                hint="Lower HEARTBEAT_INTERVAL (or dedup_heartbeat_interval) to a third of the "
+                "Lower HEARTBEAT_INTERVAL (or dedup_heartbeat_interval) to a third of the "
                 "lease or less.",
-                obj=task.name,
-                id="dedup_celery.W009",
+                task.name,
             )
         time_limit = task.time_limit or app.conf.task_time_limit
         # With a heartbeat the lease follows the body, so only without one must
         # the lease outlast the longest possible run.
         if heartbeat is None and time_limit and processing_timeout <= float(time_limit):
-            yield checks.Warning(
-                f"Task {task.name!r}: PROCESSING_TIMEOUT ({processing_timeout:g} s) is not "
+            yield _Finding(
+                checks.Warning,
+                "dedup_celery.W006",
+                f"PROCESSING_TIMEOUT ({processing_timeout:g} s) is not "
                 f"above its hard time limit ({float(time_limit):g} s); a body still running "
                 "when its lease ends can be taken over and run twice.",
-                hint="Raise PROCESSING_TIMEOUT (or dedup_processing_timeout) above the time limit.",
-                obj=task.name,
-                id="dedup_celery.W006",
+                "Raise PROCESSING_TIMEOUT (or dedup_processing_timeout) above the time limit.",
+                task.name,
             )
     for scope, by_mode in sorted(modes.items()):
         if len(by_mode) > 1:
@@ -283,6 +342,53 @@ def _task_messages(app: Any, tasks: Iterable[Any]) -> Iterable[checks.CheckMessa
                 obj=", ".join(names),
                 id="dedup_celery.E006",
             )
+
+
+#: Throughput of a one-row task with connections kept, as a multiple of Celery's default
+#: close-per-task handling (docs/BENCHMARKS.md, one row, c=4: 647 against 180 tasks/s).
+_REUSE_SPEEDUP = "3.6"
+
+
+def connection_handling_warning(app: Any) -> str | None:
+    """Say (``dedup_celery.W010``) when Celery's Django fixup closes connections per task.
+
+    Celery 5.6 and later close every Django database connection before and
+    after each task unless ``CELERY_DB_REUSE_MAX`` is set, whatever
+    ``CONN_MAX_AGE`` says; 5.4 and 5.5 close only those past their
+    ``CONN_MAX_AGE``, which is 0 by default. Either way every task then opens a
+    new connection, which costs more than dedup itself. None when connections
+    are kept, or when the fixup is not installed.
+    """
+    import celery
+    from django.conf import settings
+
+    if "celery.fixups.django:fixup" not in getattr(app, "fixups", ()) or not settings.DATABASES:
+        return None
+    version = ".".join(str(part) for part in celery.VERSION[:2])
+    cost = (
+        "Every task then opens a new database connection, which costs more than dedup "
+        f"itself: kept connections made one-row tasks {_REUSE_SPEEDUP} times faster in "
+        "dedup_celery's benchmarks."
+    )
+    if tuple(celery.VERSION[:2]) >= (5, 6):
+        if app.conf.get("CELERY_DB_REUSE_MAX"):
+            return None
+        return (
+            f"dedup_celery.W010: Celery {version}'s Django fixup closes every database "
+            "connection before and after each task, because CELERY_DB_REUSE_MAX is not set "
+            f"(it does not read CONN_MAX_AGE). {cost} HINT: set CELERY_DB_REUSE_MAX = 1000 in "
+            "the settings the Celery app reads (a Django setting with namespace='CELERY')."
+        )
+    closing = sorted(
+        alias for alias, db in settings.DATABASES.items() if not db.get("CONN_MAX_AGE")
+    )
+    if not closing or app.conf.get("CELERY_DB_REUSE_MAX"):
+        return None
+    return (
+        f"dedup_celery.W010: Celery {version}'s Django fixup closes the connections of "
+        f"{', '.join(closing)} after each task, because their CONN_MAX_AGE is 0. {cost} "
+        "HINT: set CONN_MAX_AGE (for example 600) for those databases, or CELERY_DB_REUSE_MAX."
+    )
 
 
 def refuse_to_start_on_errors(**kwargs: Any) -> None:
@@ -330,6 +436,13 @@ def log_check_messages(**kwargs: Any) -> None:
     for message in messages:
         level = logging.ERROR if message.is_serious() else logging.WARNING
         logger.log(level, "%s", message)
+    try:
+        connections_warning = connection_handling_warning(_current_celery_app())
+    except Exception:
+        logger.exception("dedup_celery: could not tell how Celery handles database connections")
+    else:
+        if connections_warning:
+            logger.warning("%s", connections_warning)
     if any(message.is_serious() for message in messages):
         return
     from dedup_celery.backends import get_backend

@@ -238,3 +238,64 @@ def test_a_starting_worker_with_check_errors_exits_unless_they_are_silenced(sett
     settings.DEDUP_CELERY = {}
     settings.SILENCED_SYSTEM_CHECKS = []
     refuse_to_start_on_errors(sender=None)
+
+
+def test_one_finding_in_the_same_words_is_one_message_naming_every_task(celery_app):
+    def body():  # Celery builds a signature check from the function: not a lambda
+        pass
+
+    for name in ("c.one", "c.two", "c.three"):
+        celery_app.task(shared=False, base=DedupTask, name=name, acks_late=False)(body)
+    celery_app.task(shared=False, base=DedupTask, name="c.long", dedup_retry_countdown=3600)(body)
+    messages = task_messages()
+    assert ids(messages) == ["dedup_celery.W001", "dedup_celery.W004"]
+    (grouped,) = [m for m in messages if m.id == "dedup_celery.W001"]
+    assert grouped.obj == "c.one, c.three, c.two"
+    assert grouped.msg.startswith("3 tasks 'c.one', 'c.three', 'c.two': acks_late=False")
+    (single,) = [m for m in messages if m.id == "dedup_celery.W004"]
+    assert single.msg.startswith("Task 'c.long': RETRY_COUNTDOWN (3600 s)")
+
+
+@pytest.mark.parametrize(
+    ("value", "names", "not_named"),
+    [
+        ({"BACKEND": "no.such.Backend"}, 'DEDUP_CELERY["BACKEND"]', "OPTIONS"),
+        ({"OPTIONS": {"bogus": 1}}, 'DEDUP_CELERY["OPTIONS"]', "BACKEND"),
+        ({"BACKEND": "redis", "OPTIONS": {}}, 'DEDUP_CELERY["OPTIONS"]', "BACKEND"),
+        ({"BACKEND": "redis", "OPTIONS": {"url": "redis://x"}, "DATABASE": "default"},
+         'DEDUP_CELERY["DATABASE"]', "OPTIONS"),
+    ],
+)  # fmt: skip
+def test_the_backend_error_s_hint_names_the_key_that_is_wrong(settings, value, names, not_named):
+    settings.DEDUP_CELERY = value
+    (message,) = checks.check_settings()
+    assert message.id == "dedup_celery.E004"
+    assert names in message.hint
+    assert not_named not in message.hint
+
+
+@pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")
+def test_the_worker_start_warning_when_celery_closes_connections_per_task(
+    celery_app, monkeypatch, settings
+):
+    import celery
+
+    celery_app.conf.CELERY_DB_REUSE_MAX = None
+    warning = checks.connection_handling_warning(celery_app)
+    assert warning.startswith("dedup_celery.W010: Celery ")
+    assert "CELERY_DB_REUSE_MAX = 1000" in warning
+    celery_app.conf.CELERY_DB_REUSE_MAX = 1000
+    assert checks.connection_handling_warning(celery_app) is None
+    # Celery 5.4 and 5.5 honour CONN_MAX_AGE instead.
+    celery_app.conf.CELERY_DB_REUSE_MAX = None
+    monkeypatch.setattr(celery, "VERSION", celery.version_info_t(5, 5, 3, "", ""))
+    settings.DATABASES = {
+        alias: {**db, "CONN_MAX_AGE": 0 if alias == "default" else 600}
+        for alias, db in settings.DATABASES.items()
+    }
+    warning = checks.connection_handling_warning(celery_app)
+    assert "Celery 5.5's Django fixup closes the connections of default after each task" in warning
+    settings.DATABASES = {a: {**db, "CONN_MAX_AGE": 600} for a, db in settings.DATABASES.items()}
+    assert checks.connection_handling_warning(celery_app) is None
+    celery_app.fixups = set()
+    assert checks.connection_handling_warning(celery_app) is None

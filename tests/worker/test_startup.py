@@ -41,8 +41,10 @@ def test_a_worker_with_dedup_check_errors_refuses_to_start_and_loses_nothing(
     settle(1)
     assert starts(tag) == [], "a body ran on the worker that refused to start"
     # The messages waited in the broker: a worker with a good configuration runs each once.
-    start_worker(f"startup-good-{check_id[-4:]}", queue=queue)
+    good = start_worker(f"startup-good-{check_id[-4:]}", queue=queue)
     wait_until(lambda: effects(tag) == 5, timeout=60, what="the five messages")
+    # These workers run with Celery's default connection handling: it says so at start.
+    assert "dedup_celery.W010: Celery " in good.log_path.read_text()
     settle()
     assert len(starts(tag)) == 5
     records = [record(status_effect, task_id) for task_id in ids]
