@@ -25,6 +25,7 @@ id                        problem
 ``dedup_celery.W008``     Redis may evict dedup records (``maxmemory-policy``)
 ``dedup_celery.W009``     the heartbeat interval is not below half the lease
 ``dedup_celery.W010``     Celery's Django fixup closes connections per task (worker start)
+``dedup_celery.W011``     dedup is bypassed for a task (``BYPASS``, ``dedup_bypass``)
 ========================  ==========================================================
 
 The checks of Celery configuration never raise, and apart from tasks that can never
@@ -251,6 +252,16 @@ def _task_messages(app: Any, tasks: Iterable[Any]) -> Iterable[_Finding | checks
                 "dedup_transactional=True, but the "
                 f"{backend_cls.__name__} backend has no transactions.",
                 'Use DEDUP_CELERY["BACKEND"] = "db", or drop dedup_transactional.',
+                task.name,
+            )
+        if options.bypass:
+            yield _Finding(
+                checks.Warning,
+                "dedup_celery.W011",
+                "dedup is bypassed (DEDUP_CELERY['BYPASS'] or dedup_bypass): its messages run "
+                "as plain tasks, and a duplicate runs the body again.",
+                "Turn the bypass off once the store maintenance is done (README, "
+                '"Bypassing dedup").',
                 task.name,
             )
         if not task.acks_late:

@@ -32,6 +32,9 @@ DEFAULTS: dict[str, Any] = {
     "MAX_TAKEOVERS": 5,
     "MAX_STORE_RESCHEDULES": 720,
     "PID_TAKEOVER": True,
+    # Run DedupTasks as plain tasks: True for all, or a list of task names (see README,
+    # "Bypassing dedup"). Loud on purpose: a check, and a WARNING per delivery.
+    "BYPASS": False,
 }
 
 #: The longest duration a setting or option may have: 100 years. A claim adds
@@ -66,6 +69,8 @@ class DedupSettings(Limits):
     options: dict[str, Any] = field(hash=False)
     database: str | None
     pid_takeover: bool = True
+    #: True (every DedupTask), or the names of the tasks that run without dedup.
+    bypass: bool | frozenset[str] = False
 
 
 _cached: DedupSettings | None = None
@@ -140,6 +145,12 @@ def validate(raw: Any) -> list[checks.CheckMessage]:
         bad("RESULT_MAX_BYTES", "an integer number of bytes, 0 or more (0 stores no results)")
     if not isinstance(merged["PID_TAKEOVER"], bool):
         bad("PID_TAKEOVER", "True or False")
+    bypass = merged["BYPASS"]
+    if not isinstance(bypass, bool) and not (
+        isinstance(bypass, list | tuple | set | frozenset)
+        and all(isinstance(name, str) and name for name in bypass)
+    ):
+        bad("BYPASS", "True, False, or a list of task names")
     database = merged["DATABASE"]
     if database is not None:
         if not isinstance(database, str):
@@ -185,6 +196,11 @@ def get_settings() -> DedupSettings:
             max_takeovers=int(merged["MAX_TAKEOVERS"]),
             max_store_reschedules=int(merged["MAX_STORE_RESCHEDULES"]),
             pid_takeover=merged["PID_TAKEOVER"],
+            bypass=(
+                merged["BYPASS"]
+                if isinstance(merged["BYPASS"], bool)
+                else frozenset(merged["BYPASS"])
+            ),
         )
     return _cached
 

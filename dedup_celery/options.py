@@ -49,6 +49,8 @@ class TaskOptions(Limits):
     scope: str
     transactional: bool
     key_function: Callable[..., Any] | None
+    #: Run as a plain task: ``dedup_bypass``, or ``BYPASS`` naming it (or True).
+    bypass: bool = False
 
 
 def key_function(task: Any) -> Any:
@@ -71,6 +73,9 @@ def option_errors(task: Any) -> list[str]:
     func = key_function(task)
     if func is not None and not callable(func):
         problems.append(f"dedup_key is {func!r}; it must be None or a callable")
+    bypass = getattr(task, "dedup_bypass", False)
+    if not isinstance(bypass, bool):
+        problems.append(f"dedup_bypass is {bypass!r}; it must be a bool")
     if not isinstance(task.dedup_transactional, bool):
         problems.append(f"dedup_transactional is {task.dedup_transactional!r}; it must be a bool")
     scope = task.dedup_scope
@@ -136,6 +141,9 @@ def _resolve(task: Any, conf: Any) -> TaskOptions:
         scope=scope_for(task),
         transactional=task.dedup_transactional,
         key_function=key_function(task),
+        bypass=task.dedup_bypass is True
+        or conf.bypass is True
+        or (isinstance(conf.bypass, frozenset) and task.name in conf.bypass),
     )
 
 

@@ -28,6 +28,8 @@ class DedupTask(_Base):
     * ``dedup_transactional``: True runs the claim and the body in one database
       transaction (exactly once for work done in that database).
     * ``dedup_scope``: records are unique per scope; defaults to the task name.
+    * ``dedup_bypass``: True runs the task as a plain Celery task, with a
+      WARNING per delivery (for store maintenance on idempotent tasks).
     * ``dedup_processing_timeout``, ``dedup_retry_countdown``,
       ``dedup_record_ttl``: per-task overrides of the settings of the same name.
     * ``dedup_heartbeat_interval``: renew the lease this often while the body
@@ -46,6 +48,8 @@ class DedupTask(_Base):
 
     dedup_key: ClassVar[Callable[..., str | None] | None] = None
     dedup_transactional: ClassVar[bool] = False
+    #: True runs this task without dedup (loudly): see README, "Bypassing dedup".
+    dedup_bypass: ClassVar[bool] = False
     dedup_scope: ClassVar[str | None] = None
     dedup_processing_timeout: ClassVar[float | None] = None
     dedup_retry_countdown: ClassVar[float | None] = None

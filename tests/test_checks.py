@@ -299,3 +299,34 @@ def test_the_worker_start_warning_when_celery_closes_connections_per_task(
     assert checks.connection_handling_warning(celery_app) is None
     celery_app.fixups = set()
     assert checks.connection_handling_warning(celery_app) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ({"BYPASS": True}, []),
+        ({"BYPASS": ["shop.tasks.ship"]}, []),
+        ({"BYPASS": "yes"}, ["dedup_celery.E003"]),
+        ({"BYPASS": [""]}, ["dedup_celery.E003"]),
+        ({"BYPASS": [3]}, ["dedup_celery.E003"]),
+    ],
+)
+def test_the_bypass_setting_is_validated(settings, value, expected):
+    settings.DEDUP_CELERY = value
+    assert ids(checks.check_settings()) == expected
+
+
+def test_every_bypassed_task_is_named_in_one_warning(celery_app, settings):
+    def body():
+        pass
+
+    settings.DEDUP_CELERY = {"BYPASS": ["c.named"]}
+    celery_app.task(shared=False, base=DedupTask, name="c.named")(body)
+    celery_app.task(shared=False, base=DedupTask, name="c.own", dedup_bypass=True)(body)
+    celery_app.task(shared=False, base=DedupTask, name="c.kept")(body)
+    celery_app.task(shared=False, base=DedupTask, name="c.bad", dedup_bypass="yes")(body)
+    messages = task_messages()
+    assert ids(messages) == ["dedup_celery.E007", "dedup_celery.W011"]
+    (warning,) = [m for m in messages if m.id == "dedup_celery.W011"]
+    assert warning.obj == "c.named, c.own"
+    assert warning.msg.startswith("2 tasks 'c.named', 'c.own': dedup is bypassed")

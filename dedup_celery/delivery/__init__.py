@@ -39,6 +39,8 @@ def deliver(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             )
     except DedupConfigurationError as exc:
         outcomes.misconfigured(task, exc)
+    if options.bypass:  # outside the try: the body's own errors are not a misconfiguration
+        return outcomes.bypassed(task, args, kwargs)
     key = message_key(task, options.key_function, request, args, kwargs)
     if key is None:
         logger.debug(

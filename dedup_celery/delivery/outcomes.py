@@ -295,3 +295,18 @@ def republish(
         )
         raise Reject(exc, requeue=True) from exc
     raise Ignore()
+
+
+def bypassed(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run the body as a plain task: dedup is bypassed for *task* (``BYPASS``, ``dedup_bypass``).
+
+    No record is read or written, so a duplicate of this message runs the body
+    again; the WARNING on every delivery keeps that from going unnoticed.
+    """
+    logger.warning(
+        "%s[%s]: dedup is bypassed (DEDUP_CELERY['BYPASS'] or dedup_bypass): the body runs "
+        "without a claim, and a duplicate of this message would run it again",
+        task.name,
+        task.request.id,
+    )
+    return task.run(*args, **kwargs)

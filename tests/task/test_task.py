@@ -454,3 +454,49 @@ def test_transactional_task_inside_an_outer_atomic_block_is_an_error():
     with pytest.raises(OuterTransactionError, match="savepoint"), transaction.atomic():
         tx.apply(args=("t5",)).get()
     assert not Effect.objects.filter(tag="t5").exists()
+
+
+@pytest.fixture
+def bypassed():
+    """A task with dedup_bypass=True, registered only for the test (the project stays clean)."""
+
+    def body(self, value):
+        BODY_RUNS.append(("bypassed", self.request.id))
+        return value
+
+    task = app.task(
+        base=DedupTask, name="unit.bypassed", bind=True, dedup_bypass=True, shared=False
+    )(body)
+    yield task
+    app.tasks.unregister("unit.bypassed")
+
+
+def test_a_bypassed_task_runs_as_a_plain_task_loudly(bypassed, caplog):
+    task_id = str(uuid.uuid4())
+    with caplog.at_level(logging.WARNING, logger="dedup_celery"):
+        assert bypassed.apply(args=(1,), task_id=task_id).get() == 1
+        assert bypassed.apply(args=(1,), task_id=task_id).get() == 1
+    assert [r[0] for r in BODY_RUNS] == ["bypassed", "bypassed"]
+    assert rec(bypassed, task_id) is None
+    assert [r.getMessage() for r in caplog.records].count(
+        f"unit.bypassed[{task_id}]: dedup is bypassed (DEDUP_CELERY['BYPASS'] or dedup_bypass): "
+        "the body runs without a claim, and a duplicate of this message would run it again"
+    ) == 2
+
+
+@pytest.mark.parametrize("bypass", [True, ["unit.by_id"]])
+def test_the_bypass_setting_covers_every_task_or_the_named_ones(settings, bypass):
+    settings.DEDUP_CELERY = {"BYPASS": bypass}
+    task_id = str(uuid.uuid4())
+    by_id.apply(args=(1,), task_id=task_id)
+    by_id.apply(args=(1,), task_id=task_id)
+    assert [r[0] for r in BODY_RUNS] == ["by_id", "by_id"]
+    assert rec(by_id, task_id) is None
+
+
+def test_the_bypass_setting_spares_the_tasks_it_does_not_name(settings):
+    settings.DEDUP_CELERY = {"BYPASS": ["unit.other"]}
+    task_id = str(uuid.uuid4())
+    by_id.apply(args=(1,), task_id=task_id)
+    assert by_id.apply(args=(1,), task_id=task_id).state == "IGNORED"
+    assert [r[0] for r in BODY_RUNS] == ["by_id"]
