@@ -38,7 +38,6 @@ logs the warnings once it is ready.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
@@ -85,29 +84,27 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     try:
         build_backend()
     except DedupConfigurationError as exc:
-        return [checks.Error(str(exc), hint=_backend_hint(), id="dedup_celery.E004")]
+        return [checks.Error(str(exc), hint=_backend_hint(exc), id="dedup_celery.E004")]
     return []
 
 
-def _backend_hint() -> str:
-    """The hint of ``E004``: what to change in the key that is actually wrong."""
+def _backend_hint(exc: DedupConfigurationError) -> str:
+    """The hint of ``E004``: what to change in the key the error names (``exc.setting``)."""
     from dedup_celery.backends import BACKEND_ALIASES, load_backend_class
 
-    conf = {**DEFAULTS, **raw_settings()}
-    try:
-        cls = load_backend_class(conf["BACKEND"])
-    except DedupConfigurationError:
-        aliases = ", ".join(repr(alias) for alias in sorted(BACKEND_ALIASES))
-        return (
-            f'Set DEDUP_CELERY["BACKEND"] to {aliases}, or to the dotted path of a '
-            "dedup_celery.backends.base.BaseBackend subclass."
-        )
-    if conf["DATABASE"] is not None and "database" not in inspect.signature(cls).parameters:
+    if exc.setting == "DATABASE":
         return 'Remove DEDUP_CELERY["DATABASE"]: this backend keeps no records in a database.'
-    accepted = ", ".join(cls.accepted_options) or "none"
+    if exc.setting == "OPTIONS":
+        cls = load_backend_class(get_settings().backend)  # it loaded: OPTIONS was refused
+        accepted = ", ".join(cls.accepted_options) or "none"
+        return (
+            f'Give DEDUP_CELERY["OPTIONS"] only what the {cls.__name__} backend accepts '
+            f"({accepted}), with valid values."
+        )
+    aliases = ", ".join(repr(alias) for alias in sorted(BACKEND_ALIASES))
     return (
-        f'Give DEDUP_CELERY["OPTIONS"] only what the {cls.__name__} backend accepts '
-        f"({accepted}), with valid values."
+        f'Set DEDUP_CELERY["BACKEND"] to {aliases}, or to the dotted path of a '
+        "dedup_celery.backends.base.BaseBackend subclass."
     )
 
 

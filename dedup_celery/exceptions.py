@@ -61,4 +61,12 @@ class MissingTableError(StorageError):
 
 
 class DedupConfigurationError(ImproperlyConfigured):
-    """``settings.DEDUP_CELERY`` or a task's dedup options cannot work."""
+    """``settings.DEDUP_CELERY`` or a task's dedup options cannot work.
+
+    *setting* names the ``DEDUP_CELERY`` key at fault when one is (``"BACKEND"``,
+    ``"OPTIONS"``, ``"DATABASE"``), so a check's hint can say what to change.
+    """
+
+    def __init__(self, *args: object, setting: str | None = None) -> None:
+        super().__init__(*args)
+        self.setting = setting

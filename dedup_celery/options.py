@@ -73,7 +73,7 @@ def option_errors(task: Any) -> list[str]:
     func = key_function(task)
     if func is not None and not callable(func):
         problems.append(f"dedup_key is {func!r}; it must be None or a callable")
-    bypass = getattr(task, "dedup_bypass", False)
+    bypass = task.dedup_bypass
     if not isinstance(bypass, bool):
         problems.append(f"dedup_bypass is {bypass!r}; it must be a bool")
     if not isinstance(task.dedup_transactional, bool):

@@ -34,18 +34,21 @@ def load_backend_class(name: str) -> type[BaseBackend]:
     if "." not in path:
         raise DedupConfigurationError(
             f"{SETTING_NAME}['BACKEND'] is {name!r}, which is neither a known alias "
-            f"({', '.join(sorted(BACKEND_ALIASES))}) nor a dotted path to a backend class."
+            f"({', '.join(sorted(BACKEND_ALIASES))}) nor a dotted path to a backend class.",
+            setting="BACKEND",
         )
     try:
         cls = import_string(path)
     except ImportError as exc:
         raise DedupConfigurationError(
-            f"{SETTING_NAME}['BACKEND'] is {name!r}, but {path!r} cannot be imported: {exc}"
+            f"{SETTING_NAME}['BACKEND'] is {name!r}, but {path!r} cannot be imported: {exc}",
+            setting="BACKEND",
         ) from exc
     if not (isinstance(cls, type) and issubclass(cls, BaseBackend)):
         raise DedupConfigurationError(
             f"{SETTING_NAME}['BACKEND'] is {name!r}, but {path!r} is not a subclass of "
-            "dedup_celery.backends.base.BaseBackend."
+            "dedup_celery.backends.base.BaseBackend.",
+            setting="BACKEND",
         )
     return cls
 
@@ -64,17 +67,21 @@ def build_backend() -> BaseBackend:
             raise DedupConfigurationError(
                 f"{SETTING_NAME}['DATABASE'] is {conf.database!r}, but the {cls.__name__} "
                 "backend does not keep its records in a database. Remove DATABASE, or use "
-                "the database backend (BACKEND 'db')."
+                "the database backend (BACKEND 'db').",
+                setting="DATABASE",
             )
         kwargs["database"] = conf.database
     try:
         return cls(**kwargs)
-    except DedupConfigurationError:
+    except DedupConfigurationError as exc:
+        # A backend refuses its OPTIONS (a missing url, a bad keyword value).
+        exc.setting = exc.setting or "OPTIONS"
         raise
     except TypeError as exc:
         raise DedupConfigurationError(
             f"{SETTING_NAME}['OPTIONS'] does not fit {cls.__name__}: {exc}. "
-            f"Accepted options: {', '.join(cls.accepted_options) or 'none'}."
+            f"Accepted options: {', '.join(cls.accepted_options) or 'none'}.",
+            setting="OPTIONS",
         ) from exc
 
 

@@ -128,16 +128,20 @@ SCAN_LIMIT = 100_000
 
 @dataclass(frozen=True)
 class RecordListing:
-    """The records a listing found, newest first, and whether the search was complete.
-
-    *complete* is False when *limit* records were found (more may match) or when
-    a store that has no index to search (Redis) stopped at its scan bound.
-    """
+    """The records a listing found, newest first, and why the search may be incomplete."""
 
     records: list[Record]
-    complete: bool
-    #: Keys a scan looked at (Redis), or None where an index answered (the database).
+    #: More records matched than the filter's *limit*.
+    truncated: bool = False
+    #: A store with nothing to query by (Redis) stopped at its scan bound.
+    scan_stopped: bool = False
+    #: Keys a scan looked at (Redis), or None where one query answered (the database).
     scanned: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Whether every matching record is in :attr:`records`."""
+        return not (self.truncated or self.scan_stopped)
 
 
 #: The stored fields of a record (the message table's columns), in order.

@@ -458,7 +458,11 @@ class DatabaseBackend(TransactionalBackend):
 
     @storage_errors
     def list_records(self, wanted: RecordFilter) -> RecordListing:
-        """The records *wanted* names, newest first, through the table's indexes."""
+        """The records *wanted* names, newest first, in one query.
+
+        No index is kept for it (every claim would pay for one): on a large
+        table it reads the whole table.
+        """
         rows = self._records().with_lease_expired()
         if wanted.status:
             rows = rows.filter(status=wanted.status)
@@ -469,7 +473,7 @@ class DatabaseBackend(TransactionalBackend):
         if wanted.older_than is not None:
             rows = rows.filter(created_at__lt=NowPlus(-wanted.older_than))
         found = [obj.as_record() for obj in rows.order_by("-created_at")[: wanted.limit + 1]]
-        return RecordListing(found[: wanted.limit], complete=len(found) <= wanted.limit)
+        return RecordListing(found[: wanted.limit], truncated=len(found) > wanted.limit)
 
     @storage_errors
     def purge_expired(

@@ -358,7 +358,7 @@ class RedisBackend(BaseBackend):
         seen: set[bytes] = set()  # SCAN may return a key more than once
         scanned = 0
         keys = self.client.scan_iter(match=self.key_pattern(), count=batch)
-        exhausted = True
+        stopped = False
         while True:
             raw = [key for _, key in zip(range(batch), keys, strict=False)]
             if not raw:
@@ -376,11 +376,15 @@ class RedisBackend(BaseBackend):
                     found.append(record)
             scanned += len(chunk)
             if scanned >= scan_limit:
-                exhausted = False
+                stopped = True
                 break
         found.sort(key=lambda r: r.created_at or _EPOCH, reverse=True)
-        complete = exhausted and len(found) <= wanted.limit
-        return RecordListing(found[: wanted.limit], complete=complete, scanned=scanned)
+        return RecordListing(
+            found[: wanted.limit],
+            truncated=len(found) > wanted.limit,
+            scan_stopped=stopped,
+            scanned=scanned,
+        )
 
     @_storage_errors
     def purge_expired(

@@ -83,28 +83,37 @@ def no_record(scope: str) -> CommandError:
     )
 
 
+def applicable_fields(record: Record) -> dict[str, Any]:
+    """The record's fields, without ``lease_expired`` unless it is PROCESSING.
+
+    Only a PROCESSING record's lease decides anything, so the flag is noise on
+    the others.
+    """
+    values = dataclasses.asdict(record)
+    if record.status != Status.PROCESSING:
+        del values["lease_expired"]
+    return values
+
+
 def format_record(record: Record) -> str:
-    """Render a record as ``name: value`` lines, leaving out the fields that do not apply.
-
-    A field with no value is not printed, nor ``lease_expired`` for a record that
-    is not PROCESSING (only a PROCESSING record's lease decides anything).
-    """
-    lines = []
-    for field in dataclasses.fields(record):
-        value = getattr(record, field.name)
-        if value is None or (field.name == "lease_expired" and record.status != Status.PROCESSING):
-            continue
-        lines.append(f"{field.name:>18}: {value}")
-    return "\n".join(lines)
+    """Render a record as ``name: value`` lines: the applicable fields that have a value."""
+    return "\n".join(
+        f"{name:>18}: {value}"
+        for name, value in applicable_fields(record).items()
+        if value is not None
+    )
 
 
-def show_record(command: BaseCommand, scope: str, key_digest: str) -> Record:
-    """Read the record of (scope, key digest), print it on *command*'s stdout, and return it.
-
-    Raises :func:`no_record`'s error when there is none.
-    """
+def read_record(scope: str, key_digest: str) -> Record:
+    """Return the record of (scope, key digest); :func:`no_record`'s error if there is none."""
     record = inspect_record(scope, key_digest)
     if record is None:
         raise no_record(scope)
+    return record
+
+
+def show_record(command: BaseCommand, scope: str, key_digest: str) -> Record:
+    """Read the record of (scope, key digest), print it on *command*'s stdout, and return it."""
+    record = read_record(scope, key_digest)
     command.stdout.write(format_record(record))
     return record

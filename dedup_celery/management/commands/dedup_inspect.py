@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import re
@@ -13,16 +12,16 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
 from dedup_celery.backends import get_backend
-from dedup_celery.backends.base import SCAN_LIMIT, Record, RecordFilter, RecordListing
+from dedup_celery.backends.base import Record, RecordFilter, RecordListing
 from dedup_celery.conf import MAX_SECONDS
 from dedup_celery.keys import display_key
 from dedup_celery.management.commands._records import (
     add_key_options,
+    applicable_fields,
     format_record,
     key_digest_from,
-    no_record,
+    read_record,
 )
-from dedup_celery.operator import inspect_record
 from dedup_celery.states import Status
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
@@ -57,12 +56,9 @@ def _age(record: Record, now: datetime.datetime) -> str:
 
 
 def _as_json(record: Record) -> dict[str, Any]:
-    values = dataclasses.asdict(record)
-    if record.status != Status.PROCESSING:
-        values.pop("lease_expired")
     return {
         name: value.isoformat() if isinstance(value, datetime.datetime) else value
-        for name, value in values.items()
+        for name, value in applicable_fields(record).items()
     }
 
 
@@ -128,9 +124,7 @@ class Command(BaseCommand):
         self._table(listing, wanted)
 
     def _one(self, options: dict[str, Any]) -> None:
-        record = inspect_record(options["scope"], key_digest_from(options))
-        if record is None:
-            raise no_record(options["scope"])
+        record = read_record(options["scope"], key_digest_from(options))
         if options["json"]:
             self.stdout.write(json.dumps(_as_json(record), indent=2, default=str))
         else:
@@ -149,14 +143,12 @@ class Command(BaseCommand):
                 f"{r.owner or '-'}"
             )
         self.stdout.write(f"{len(listing.records)} record(s) in the {get_backend().describe()}.")
-        if listing.complete:
-            return
-        if len(listing.records) >= wanted.limit:
+        if listing.truncated:
             self.stdout.write(
                 f"More may match: raise --limit (now {wanted.limit}), or narrow with "
                 "--status, --task or --older-than."
             )
-        if listing.scanned is not None and listing.scanned >= SCAN_LIMIT:
+        if listing.scan_stopped:
             self.stdout.write(
                 f"The scan stopped after {listing.scanned} keys: others under the prefix "
                 "were not read. Narrow the listing, or purge expired records first."

@@ -1,4 +1,4 @@
--- Compare-and-delete for an operator's forget (dedup_celery.states.may_forget): a
+-- Compare-and-delete for an operator's forget (dedup_celery.states.FORGETTABLE): a
 -- CONSUMED or FAILED record, so its message may run again.
 -- KEYS[1]: the record. ARGV: owner.
 local key = KEYS[1]
