@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   the example project on embedded defaults (SQLite, a file-based broker)
-#   make test   the whole test suite, on throwaway PostgreSQL and Redis servers
+#   make test   the whole test suite (docs build included), on throwaway servers
 # Both create .venv and install what they need; 'make test' also installs
 # Debian's redis-server, mariadb-server (with libmariadb-dev, for the driver),
 # chromium and chromium-driver when they are missing, then mysqlclient.
@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed-stamp
 # mysqlclient has no Linux wheel: it builds once the Debian packages are there.
 MYSQL_STAMP := $(VENV)/.mysqlclient-stamp
 
-.PHONY: test demo soak lint tox constraints packages clean bench bench-overhead
+.PHONY: test demo soak lint docs tox constraints packages clean bench bench-overhead
 
 # pip 25.1 is the first to read dependency groups (pyproject.toml's "dev").
 $(STAMP): setup.cfg pyproject.toml constraints.txt
@@ -40,6 +40,11 @@ demo: $(STAMP)
 soak: $(STAMP) packages $(MYSQL_STAMP)
 	DEDUP_LOAD_MESSAGES=50000 $(BIN)/python -m pytest tests/worker/test_load.py $(PYTEST_ARGS)
 
+# The documentation, as Read the Docs builds it; warnings are errors (tests/test_docs.py
+# runs the same build in 'make test').
+docs: $(STAMP)
+	$(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -57,7 +62,7 @@ constraints: $(STAMP)
 	  $(BIN)/pip freeze --exclude-editable | grep -iv '^dedup'; } > constraints.txt
 
 clean:
-	rm -rf $(VENV) .tox build *.egg-info artifacts example_project/var
+	rm -rf $(VENV) .tox build *.egg-info artifacts example_project/var docs/_build
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 

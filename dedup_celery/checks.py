@@ -257,8 +257,8 @@ def _task_messages(app: Any, tasks: Iterable[Any]) -> Iterable[_Finding | checks
                 "dedup_celery.W011",
                 "dedup is bypassed (DEDUP_CELERY['BYPASS'] or dedup_bypass): its messages run "
                 "as plain tasks, and a duplicate runs the body again.",
-                "Turn the bypass off once the store maintenance is done (README, "
-                '"Bypassing dedup").',
+                "Turn the bypass off once the store maintenance is done (the docs' "
+                '"Operating it" page, "Bypassing dedup").',
                 task.name,
             )
         if not task.acks_late:

@@ -32,8 +32,8 @@ DEFAULTS: dict[str, Any] = {
     "MAX_TAKEOVERS": 5,
     "MAX_STORE_RESCHEDULES": 720,
     "PID_TAKEOVER": True,
-    # Run DedupTasks as plain tasks: True for all, or a list of task names (see README,
-    # "Bypassing dedup"). Loud on purpose: a check, and a WARNING per delivery.
+    # Run DedupTasks as plain tasks: True for all, or a list of task names (see
+    # docs/operating.md, "Bypassing dedup"). Loud on purpose: a check, and a WARNING per delivery.
     "BYPASS": False,
 }
 

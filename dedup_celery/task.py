@@ -48,7 +48,7 @@ class DedupTask(_Base):
 
     dedup_key: ClassVar[Callable[..., str | None] | None] = None
     dedup_transactional: ClassVar[bool] = False
-    #: True runs this task without dedup (loudly): see README, "Bypassing dedup".
+    #: True runs this task without dedup (loudly): see docs/operating.md, "Bypassing dedup".
     dedup_bypass: ClassVar[bool] = False
     dedup_scope: ClassVar[str | None] = None
     dedup_processing_timeout: ClassVar[float | None] = None

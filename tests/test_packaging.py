@@ -17,6 +17,7 @@ import pytest
 
 import dedup_celery
 from tests.services import REPO
+from tests.test_docs import build_docs
 
 BIN = Path(sys.executable).parent
 
@@ -149,10 +150,25 @@ def test_the_sdist_holds_the_documents_and_no_tests(built):
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
     documents = {"README.md", "CHANGELOG.md", "LICENSE", "dedup_celery/py.typed"}
-    documents |= {path.relative_to(REPO).as_posix() for path in (REPO / "docs").glob("*.md")}
+    documents |= {
+        path.relative_to(REPO).as_posix()
+        for pattern in ("*.md", "*.svg", "conf.py")
+        for path in (REPO / "docs").glob(pattern)
+    }
     assert documents - names == set()
     # The suite needs throwaway servers and the repository's harness: it is not shipped.
     assert not [n for n in names if n.startswith(("tests/", "harness/", "benchmarks/"))]
+    assert not [n for n in names if n.startswith("docs/_build/")]
+
+
+def test_the_docs_build_from_the_sdist_alone(built, tmp_path):
+    sdist, _, _ = built
+    with tarfile.open(sdist) as archive:
+        archive.extractall(tmp_path, filter="data")
+    (root,) = tmp_path.iterdir()
+    run = build_docs(root / "docs", tmp_path / "html")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (tmp_path / "html" / "troubleshooting.html").is_file()
 
 
 @pytest.mark.parametrize(

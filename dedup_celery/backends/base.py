@@ -5,27 +5,27 @@ atomic operation conditioned on the current state and, where it says so, on the
 owner token; nothing reads a record and then writes it on the strength of what
 it read. Times are taken from the store's own clock, never from the worker's.
 
-The status-mode transition table (README, "How it works") is the specification.
+The status-mode transition table (docs/how-it-works.md) is the specification.
 "now" is the store's clock; "expired" means ``expires_at < now``.
 
-=============  ===================================================  ==========================
-transition     condition, checked by the same operation             result
-=============  ===================================================  ==========================
-claim          no record; or CONSUMED, FAILED or POISONED and       PROCESSING, new owner,
-               expired; or FAILED for another task id or a lower    expires = now + lease,
-               attempt (a retry)                                    takeovers = 0
-take over      PROCESSING, expired, takeovers < MAX_TAKEOVERS       new owner, takeovers + 1
-poison         PROCESSING, expired, takeovers >= MAX_TAKEOVERS      POISONED until RECORD_TTL
-count dup.     anything else                                        skipped + 1, or
-                                                                    rescheduled + 1 (PROCESSING)
-renew          owner = my token, PROCESSING                         expires = now + lease
-complete       owner = my token (or no record)                      CONSUMED until RECORD_TTL
-fail           owner = my token, PROCESSING                         FAILED until RECORD_TTL
+=============  ====================================================  ==========================
+transition     condition, checked by the same operation              result
+=============  ====================================================  ==========================
+claim          no record; or CONSUMED, FAILED or POISONED and        PROCESSING, new owner,
+               expired; or FAILED for another task id or a lower     expires = now + lease,
+               attempt (a retry)                                     takeovers = 0
+take over      PROCESSING, expired, takeovers < MAX_TAKEOVERS        new owner, takeovers + 1
+poison         PROCESSING, expired, takeovers >= MAX_TAKEOVERS       POISONED until RECORD_TTL
+count dup.     anything else                                         skipped + 1, or
+                                                                     rescheduled + 1 (PROCESSING)
+renew          owner = my token, PROCESSING                          expires = now + lease
+complete       owner = my token (or no record)                       CONSUMED until RECORD_TTL
+fail           owner = my token, PROCESSING                          FAILED until RECORD_TTL
 expire lease   owner = the token (or the process) given, PROCESSING  expires = now
-release        owner = the token given, PROCESSING or POISONED      record deleted
-forget         owner = the token given, CONSUMED or FAILED          record deleted
-purge          expired, re-checked on delete                        record deleted
-=============  ===================================================  ==========================
+release        owner = the token given, PROCESSING or POISONED       record deleted
+forget         owner = the token given, CONSUMED or FAILED           record deleted
+purge          expired, re-checked on delete                         record deleted
+=============  ====================================================  ==========================
 """
 
 from __future__ import annotations
