@@ -26,13 +26,14 @@ from dedup_celery.states import FORGETTABLE, RELEASABLE
 RELEASE_PERMISSION = "dedup_celery.release_deduprecord"
 FORGET_PERMISSION = "dedup_celery.forget_deduprecord"
 
-# Every column, in the table's order, with the lease and the task result beside them.
+# Every column, in the table's order, with the lease and both runs' task results beside them.
+_BESIDE: dict[str, tuple[str, ...]] = {
+    "status": ("status", "lease"),
+    "task_id": ("task_id", "task_result"),
+    "last_duplicate_task_id": ("last_duplicate_task_id", "last_duplicate_result"),
+}
 DETAIL_FIELDS: tuple[str, ...] = tuple(
-    name
-    for column in RECORD_FIELDS
-    for name in {"status": ("status", "lease"), "task_id": ("task_id", "task_result")}.get(
-        column, (column,)
-    )
+    name for column in RECORD_FIELDS for name in _BESIDE.get(column, (column,))
 )
 
 if TYPE_CHECKING:
@@ -85,17 +86,12 @@ class DedupRecordAdmin(_ModelAdmin):
     @admin.display(description=_("task result"))
     def task_result(self, obj: DedupRecord) -> str:
         """Link to the consuming task's result, when django-celery-results is installed."""
-        if not apps.is_installed("django_celery_results"):
-            return "—"
-        task_result_model = apps.get_model("django_celery_results", "TaskResult")
-        found = task_result_model._default_manager.filter(task_id=obj.task_id).first()
-        if found is None:
-            return str(_("no stored result"))
-        try:
-            url = reverse("admin:django_celery_results_taskresult_change", args=[found.pk])
-        except NoReverseMatch:
-            return str(found.status)
-        return format_html('<a href="{}">{}</a>', url, found.status)
+        return _result_link(obj.task_id)
+
+    @admin.display(description=_("last duplicate's result"))
+    def last_duplicate_result(self, obj: DedupRecord) -> str:
+        """Link to the latest duplicate's own result row (its meta names the original)."""
+        return _result_link(obj.last_duplicate_task_id) if obj.last_duplicate_task_id else "—"
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         """Records are only written by tasks."""
@@ -243,3 +239,18 @@ class DedupRecordAdmin(_ModelAdmin):
                 messages.WARNING,
             )
         return None
+
+
+def _result_link(task_id: str) -> str:
+    """A link to django-celery-results' row of *task_id*, its status, or why there is none."""
+    if not apps.is_installed("django_celery_results"):
+        return "—"
+    task_result_model = apps.get_model("django_celery_results", "TaskResult")
+    found = task_result_model._default_manager.filter(task_id=task_id).first()
+    if found is None:
+        return str(_("no stored result"))
+    try:
+        url = reverse("admin:django_celery_results_taskresult_change", args=[found.pk])
+    except NoReverseMatch:
+        return str(found.status)
+    return format_html('<a href="{}">{}</a>', url, found.status)

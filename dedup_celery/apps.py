@@ -17,9 +17,13 @@ class DedupCeleryConfig(AppConfig):
         from celery.signals import worker_init, worker_ready
 
         from dedup_celery import checks
+        from dedup_celery.delivery import visibility
 
         worker_init.connect(
             checks.refuse_to_start_on_errors, weak=False, dispatch_uid="dedup_celery.start"
+        )
+        worker_init.connect(
+            visibility.remember_task_events, weak=False, dispatch_uid="dedup_celery.events"
         )
         worker_ready.connect(
             checks.log_check_messages, weak=False, dispatch_uid="dedup_celery.checks"

@@ -132,7 +132,7 @@ class DedupRecordQuerySet(models.QuerySet["DedupRecord"]):
                     )
                 )
             if not claimed and not poisoned_now:
-                counted = self._count_duplicate(record.filter(not_mine))
+                counted = self._count_duplicate(record.filter(not_mine), claim.task_id)
                 if counted is not None:
                     found = self.fetch(claim.scope, claim.key_digest)
                     if found is not None:
@@ -144,16 +144,17 @@ class DedupRecordQuerySet(models.QuerySet["DedupRecord"]):
         raise StorageError("the record kept disappearing while it was being claimed")
 
     @staticmethod
-    def _count_duplicate(rows: DedupRecordQuerySet) -> Verdict | None:
-        """Count a duplicate on the record as it is now; return the verdict that count is.
+    def _count_duplicate(rows: DedupRecordQuerySet, task_id: str) -> Verdict | None:
+        """Count a duplicate (of task id *task_id*) on the record as it is now; return its verdict.
 
         One conditioned UPDATE per status, so the counter and the verdict come
         from the same state of the row: a copy that met a PROCESSING record is
         rescheduled (and counted so) even if the record is CONSUMED by the time
         it is read back. None: no row of another owner was there to count on.
         """
+        duplicate = {"last_duplicate_at": StoreNow(), "last_duplicate_task_id": task_id}
         if rows.filter(status=Status.PROCESSING).update(
-            rescheduled=F("rescheduled") + 1, last_duplicate_at=StoreNow()
+            rescheduled=F("rescheduled") + 1, **duplicate
         ):
             return Verdict.IN_FLIGHT
         for status, verdict in (
@@ -161,9 +162,7 @@ class DedupRecordQuerySet(models.QuerySet["DedupRecord"]):
             (Status.FAILED, Verdict.STALE),
             (Status.POISONED, Verdict.POISONED),
         ):
-            if rows.filter(status=status).update(
-                skipped=F("skipped") + 1, last_duplicate_at=StoreNow()
-            ):
+            if rows.filter(status=status).update(skipped=F("skipped") + 1, **duplicate):
                 return verdict
         return None
 

@@ -61,6 +61,13 @@ class DedupRecord(models.Model):
         blank=True,
         help_text=_("A purge keeps the record until then, whatever its status."),
     )
+    last_duplicate_task_id = models.CharField(  # noqa: DJ001
+        _("last duplicate task id"),
+        max_length=255,
+        null=True,
+        blank=True,
+        help_text=_("The task id of the latest duplicate counted on this record."),
+    )
 
     objects = DedupRecordQuerySet.as_manager()
 

@@ -120,6 +120,7 @@ def start_worker(django_db_setup, celery_broker, redis_url, postgres_server):
         env=None,
         queue=None,
         release=None,
+        args=(),
     ):
         """Start a worker; *release* (python, project folder) runs another release's code."""
         env = {
@@ -134,7 +135,9 @@ def start_worker(django_db_setup, celery_broker, redis_url, postgres_server):
             "DEDUP_TEST_VISIBILITY_TIMEOUT": str(visibility_timeout or ""),
         }
         where = {} if release is None else {"python": release[0], "cwd": release[1]}
-        worker = Worker(name, queue=queue or f"q-{name}", env=env, concurrency=concurrency, **where)
+        worker = Worker(
+            name, queue=queue or f"q-{name}", env=env, concurrency=concurrency, args=args, **where
+        )
         started.append(worker)
         return worker.start()
 

@@ -1,10 +1,12 @@
-"""Helpers the tests share: claims as a delivery would make them, and signal capture."""
+"""Helpers the tests share: claims as a delivery would make them, signal capture, the tracer."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from celery.app.trace import build_tracer
 
 from dedup_celery.backends import get_backend
 from dedup_celery.backends.base import BaseBackend, Claim
@@ -48,4 +50,29 @@ def captured(*signals: Any) -> Iterator[list[dict[str, Any]]]:
             signal.disconnect(receiver)
 
 
-__all__ = ["ELSEWHERE", "captured", "claim_for", "hold", "make_claim"]
+def run_as_worker(
+    task,
+    task_id,
+    args,
+    kwargs,
+    *,
+    retries=0,
+    queue="q-unit-reschedule",
+    headers=None,
+    expires=None,
+):
+    """Run *task* through Celery's tracer with a worker-like request (and custom *headers*)."""
+    tracer = build_tracer(task.name, task, app=task.app, eager=False, propagate=False)
+    request = {
+        **(headers or {}),
+        "id": task_id,
+        "retries": retries,
+        "delivery_info": {"exchange": "", "routing_key": queue, "priority": 0},
+        "hostname": "unit@localhost",
+        "is_eager": False,
+        "expires": expires,
+    }
+    return tracer(task_id, list(args), kwargs, request)
+
+
+__all__ = ["ELSEWHERE", "captured", "claim_for", "hold", "make_claim", "run_as_worker"]

@@ -39,9 +39,14 @@ class Worker:
         *,
         python: str = sys.executable,
         cwd: Path = REPO,
+        args: tuple[str, ...] = (),
     ):
-        """A worker of *python* (this venv's by default) importing the project from *cwd*."""
+        """A worker of *python* (this venv's by default) importing the project from *cwd*.
+
+        *args* go to ``celery worker`` after the test defaults (``-E``, say).
+        """
         self.name = name
+        self.args = args
         self.python = python
         self.cwd = cwd
         self.queue = queue
@@ -83,6 +88,7 @@ class Worker:
                 "INFO",
                 "--prefetch-multiplier",
                 "1",
+                *self.args,
             ],
             cwd=self.cwd,
             env=self.env,

@@ -103,6 +103,10 @@ class Record:
     #: its lease plus RECORD_TTL, so an unfinished message keeps its takeovers count.
     #: None on records written before the column existed.
     purge_after: datetime.datetime | None
+    #: The task id of the latest duplicate counted on the record (stored form), so the
+    #: record links to both runs. None before the first duplicate, and on records of
+    #: releases before the column existed.
+    last_duplicate_task_id: str | None = None
     #: Judged by the store's clock when the record was read; not a column.
     lease_expired: bool | None = None
 
@@ -171,6 +175,7 @@ KEPT_BY_CLAIMS: tuple[str, ...] = (
     "created_at",
     *COUNTERS,
     "last_duplicate_at",
+    "last_duplicate_task_id",
 )
 #: Fields a claim or takeover replaces (``takeovers`` is set by the store's decision).
 REPLACED_BY_CLAIMS: tuple[str, ...] = tuple(f for f in RECORD_FIELDS if f not in KEPT_BY_CLAIMS)
@@ -245,6 +250,7 @@ def first_claim_record(claim: Claim, status: str, now: datetime.datetime | None)
         None,  # result
         None,  # payload_digest
         purge_after,
+        None,  # last_duplicate_task_id
         False,  # lease_expired
     )
 

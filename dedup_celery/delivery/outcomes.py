@@ -23,6 +23,7 @@ from dedup_celery import signals
 from dedup_celery.backends.base import ClaimOutcome, Verdict
 from dedup_celery.delivery.base import Delivery, logger
 from dedup_celery.delivery.results import original_result
+from dedup_celery.delivery.visibility import announce
 from dedup_celery.exceptions import (
     DedupConfigurationError,
     DuplicateInFlightError,
@@ -52,6 +53,7 @@ def duplicate(delivery: Delivery, outcome: ClaimOutcome) -> Any:
         if record.task_id == claim.task_id:
             # A redelivery of the consuming message: leave its stored state alone.
             raise Ignore()
+        announce(delivery, record, outcome.verdict)
         return original_result(delivery, record)
     if outcome.verdict is Verdict.STALE:
         assert record is not None
@@ -81,6 +83,7 @@ def duplicate(delivery: Delivery, outcome: ClaimOutcome) -> Any:
                 claim.key_digest,
             )
             delivery.send(signals.message_poisoned, record)
+        announce(delivery, record, outcome.verdict)
         raise PoisonMessageError(
             f"{delivery.label}: the message (scope {claim.scope}, key digest "
             f"{claim.key_digest}) is POISONED after {record.takeovers} takeovers; its body "
@@ -108,6 +111,7 @@ def in_flight(delivery: Delivery, outcome: ClaimOutcome) -> NoReturn:
         countdown,
     )
     delivery.send(signals.duplicate_rescheduled, record, countdown=countdown)
+    announce(delivery, record, outcome.verdict)
     reschedule(delivery, countdown)
 
 

@@ -131,7 +131,12 @@ def test_claim_of_a_live_processing_record_counts_a_rescheduled_duplicate(backen
     assert outcome.record.owner == first.owner
     assert (outcome.record.rescheduled, outcome.record.skipped) == (1, 0)
     assert outcome.record.last_duplicate_at is not None
-    assert backend.claim(make_claim()).record.rescheduled == 2
+    assert outcome.record.last_duplicate_task_id == first.task_id
+    other = make_claim()
+    counted = backend.claim(other).record
+    assert (counted.rescheduled, counted.last_duplicate_task_id) == (2, other.task_id)
+    # The record still names its owner's task id: it links to both runs.
+    assert counted.task_id == first.task_id
 
 
 def test_complete_by_the_owner_marks_consumed_and_stores_the_result(backend):
@@ -154,6 +159,27 @@ def test_claim_of_a_consumed_record_counts_a_skipped_duplicate(backend):
     assert outcome.verdict is Verdict.CONSUMED
     assert outcome.record.task_id == claim.task_id
     assert (outcome.record.skipped, outcome.record.rescheduled) == (1, 0)
+    assert get(backend, "k-1").last_duplicate_task_id == claim.task_id
+    business_key_copy = make_claim()
+    assert backend.claim(business_key_copy).record.last_duplicate_task_id == (
+        business_key_copy.task_id
+    )
+
+
+def test_a_first_claim_names_no_duplicate_and_a_later_claim_keeps_the_last_one(backend):
+    claim = make_claim(lease=60)
+    assert backend.claim(claim).record.last_duplicate_task_id is None
+    copy = make_claim()
+    backend.claim(copy)
+    assert backend.fail(claim) is True
+    # The retry claims the FAILED record, like the counters, it keeps the last duplicate.
+    retry = make_claim(task_id=claim.task_id, attempt=1)
+    outcome = backend.claim(retry)
+    assert outcome.verdict is Verdict.CLAIMED
+    assert (outcome.record.rescheduled, outcome.record.last_duplicate_task_id) == (
+        1,
+        copy.task_id,
+    )
 
 
 def test_complete_and_release_by_a_stale_owner_change_nothing(backend):

@@ -10,7 +10,7 @@ from django_celery_results.models import TaskResult
 
 from dedup_celery import get_backend, signals
 from dedup_celery.models import DedupRecord
-from tests.helpers import captured, hold
+from tests.helpers import captured, claim_for, hold
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -53,6 +53,19 @@ def test_detail_is_read_only_and_links_the_task_result(admin_client):
     assert "/admin/django_celery_results/taskresult/" in body
     assert 'name="_save"' not in body
     assert admin_client.get(f"{URL}add/").status_code == 403
+
+
+def test_detail_links_the_results_of_both_runs(admin_client):
+    made = consumed("both-runs")
+    original = TaskResult.objects.create(task_id=made.task_id, status="SUCCESS")
+    duplicate_id = "tid-the-duplicate"
+    get_backend().claim(claim_for("admin.task", "both-runs", task_id=duplicate_id))
+    copy = TaskResult.objects.create(task_id=duplicate_id, status="SUCCESS")
+    pk = DedupRecord.objects.get(key="both-runs").pk
+    body = admin_client.get(f"{URL}{pk}/change/").content.decode()
+    assert duplicate_id in body
+    for row in (original, copy):
+        assert f"/admin/django_celery_results/taskresult/{row.pk}/change/" in body
 
 
 def select(client, records, **extra):

@@ -12,7 +12,6 @@ import uuid
 
 import pytest
 from celery import Celery
-from celery.app.trace import build_tracer
 from django.test import override_settings
 
 from dedup_celery import DedupTask, signals
@@ -21,7 +20,7 @@ from dedup_celery.exceptions import StorageError
 from dedup_celery.keys import digest
 from dedup_celery.models import DedupRecord
 from tests.celery_app import app
-from tests.helpers import ELSEWHERE, captured, hold
+from tests.helpers import ELSEWHERE, captured, hold, run_as_worker
 
 RUNS: list[str] = []
 
@@ -30,31 +29,6 @@ RUNS: list[str] = []
 def reschedulable(self, value, *, flag=None):
     RUNS.append(self.request.id)
     return value
-
-
-def run_as_worker(
-    task,
-    task_id,
-    args,
-    kwargs,
-    *,
-    retries=0,
-    queue="q-unit-reschedule",
-    headers=None,
-    expires=None,
-):
-    """Run *task* through Celery's tracer with a worker-like request (and custom *headers*)."""
-    tracer = build_tracer(task.name, task, app=task.app, eager=False, propagate=False)
-    request = {
-        **(headers or {}),
-        "id": task_id,
-        "retries": retries,
-        "delivery_info": {"exchange": "", "routing_key": queue, "priority": 0},
-        "hostname": "unit@localhost",
-        "is_eager": False,
-        "expires": expires,
-    }
-    return tracer(task_id, list(args), kwargs, request)
 
 
 def read_queue(connection, queue):

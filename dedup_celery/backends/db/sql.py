@@ -203,6 +203,8 @@ def _decided_values(
         rescheduled=f"{old('rescheduled')} + CASE WHEN {{dup}} AND {{processing}} THEN 1 "
         "ELSE 0 END",
         last_duplicate_at=f"CASE WHEN {{dup}} THEN {now} ELSE {old('last_duplicate_at')} END",
+        last_duplicate_task_id=f"CASE WHEN {{dup}} THEN {new('task_id')} "
+        f"ELSE {old('last_duplicate_task_id')} END",
     )
     return values
 

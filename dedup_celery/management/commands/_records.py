@@ -97,11 +97,9 @@ def applicable_fields(record: Record) -> dict[str, Any]:
 
 def format_record(record: Record) -> str:
     """Render a record as ``name: value`` lines: the applicable fields that have a value."""
-    return "\n".join(
-        f"{name:>18}: {value}"
-        for name, value in applicable_fields(record).items()
-        if value is not None
-    )
+    shown = {name: value for name, value in applicable_fields(record).items() if value is not None}
+    width = max(map(len, shown), default=0)
+    return "\n".join(f"{name:>{width}}: {value}" for name, value in shown.items())
 
 
 def read_record(scope: str, key_digest: str) -> Record:

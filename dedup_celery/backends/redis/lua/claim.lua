@@ -66,7 +66,8 @@ elseif current ~= owner then
     else
       redis.call('HINCRBY', key, 'skipped', 1)
     end
-    redis.call('HSET', key, 'last_duplicate_at', now)
+    redis.call('HSET', key, 'last_duplicate_at', now,
+      'last_duplicate_task_id', claimant['task_id'])
   end
 end
 local record = redis.call('HGETALL', key)

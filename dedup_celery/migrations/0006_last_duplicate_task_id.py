@@ -1,0 +1,28 @@
+"""Add ``last_duplicate_task_id``: the record links to its latest duplicate's task id.
+
+Additive, for rolling deploys: a nullable column with no default, so no table
+rewrite on PostgreSQL or MySQL 8+/MariaDB 10.3+. Workers of the previous release
+leave it as it is; they read only the columns they know.
+"""
+
+from django.db import migrations, models
+
+
+class Migration(migrations.Migration):
+    dependencies = [
+        ("dedup_celery", "0005_forget_permission"),
+    ]
+
+    operations = [
+        migrations.AddField(
+            model_name="deduprecord",
+            name="last_duplicate_task_id",
+            field=models.CharField(
+                blank=True,
+                help_text="The task id of the latest duplicate counted on this record.",
+                max_length=255,
+                null=True,
+                verbose_name="last duplicate task id",
+            ),
+        ),
+    ]
