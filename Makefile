@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed-stamp
 # mysqlclient has no Linux wheel: it builds once the Debian packages are there.
 MYSQL_STAMP := $(VENV)/.mysqlclient-stamp
 
-.PHONY: test demo soak lint docs tox constraints packages clean bench bench-overhead
+.PHONY: test demo soak lint docs messages tox constraints packages clean bench bench-overhead
 
 # pip 25.1 is the first to read dependency groups (pyproject.toml's "dev").
 $(STAMP): setup.cfg pyproject.toml constraints.txt
@@ -44,6 +44,17 @@ soak: $(STAMP) packages $(MYSQL_STAMP)
 # runs the same build in 'make test').
 docs: $(STAMP)
 	$(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html
+
+# The admin's message catalogue: extract the marked strings, fill the English
+# translations (msgen: each is its msgid), then compile the .mo
+# (tests/operator/test_locale.py fails when either is stale).
+messages: $(STAMP)
+	cd dedup_celery && PYTHONPATH=.. ../$(BIN)/python -m django makemessages -l en \
+		--no-location --no-obsolete --settings=tests.settings
+	msgen --no-wrap -o dedup_celery/locale/en/LC_MESSAGES/django.po \
+		dedup_celery/locale/en/LC_MESSAGES/django.po
+	cd dedup_celery && PYTHONPATH=.. ../$(BIN)/python -m django compilemessages -l en \
+		--settings=tests.settings
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

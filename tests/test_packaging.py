@@ -73,7 +73,13 @@ def test_the_wheel_holds_the_package_data(built):
         "dedup_celery/py.typed",
         *(
             path.relative_to(REPO).as_posix()
-            for pattern in ("migrations/0*.py", "backends/redis/lua/*.lua", "templates/**/*.html")
+            for pattern in (
+                "migrations/0*.py",
+                "backends/redis/lua/*.lua",
+                "templates/**/*.html",
+                "static/dedup_celery/*.css",
+                "locale/*/LC_MESSAGES/django.[mp]o",
+            )
             for path in package.glob(pattern)
         ),
     }
@@ -87,6 +93,10 @@ def test_the_wheel_holds_the_package_data(built):
     templates = "dedup_celery/templates/admin/dedup_celery/deduprecord/"
     for page in ("action", "release", "forget"):
         assert f"{templates}{page}_confirmation.html" in names
+    for page in ("change_list", "overview", "overview_row"):
+        assert f"{templates}{page}.html" in names
+    assert "dedup_celery/static/dedup_celery/admin.css" in names
+    assert "dedup_celery/locale/en/LC_MESSAGES/django.mo" in names
     assert not [name for name in names if name.startswith(("tests/", "harness/", "benchmarks/"))]
 
 

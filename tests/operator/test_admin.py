@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -221,3 +222,122 @@ def test_forget_needs_the_forget_permission(client):
     client.force_login(User.objects.get(pk=viewer.pk))
     forget(client, [made], {"guarded-forget": made.owner})
     assert not DedupRecord.objects.filter(key="guarded-forget").exists()
+
+
+def test_release_gives_each_reason_for_a_record_it_keeps(admin_client):
+    live = claim("still-live", lease=600)
+    done = consumed("already-done")
+    stale = claim("taken-over", lease=0.2)
+    time.sleep(0.4)
+    claim("taken-over", lease=60)  # another delivery took the expired lease over
+    page = confirm(admin_client, [live, done, stale], [live.owner, done.owner, stale.owner])
+    body = page.content.decode()
+    assert "1 record(s) not released: its lease is live" in body
+    assert "1 record(s) not released: consumed or failed: forget it instead" in body
+    assert "1 record(s) not released: the owner changed since the page was shown" in body
+
+
+def test_the_detail_page_groups_every_column_once():
+    from dedup_celery.admin.records import FIELDSETS, SHOWN_AS
+    from dedup_celery.backends.base import RECORD_FIELDS
+
+    shown = [name for _title, group in FIELDSETS for name in group["fields"]]
+    assert len(shown) == len(set(shown))
+    columns = {SHOWN_AS.get(column, column) for column in RECORD_FIELDS}
+    assert columns - set(shown) == set()
+    titles = [str(title) for title, _group in FIELDSETS]
+    assert titles == ["Message", "Ownership and lease", "Duplicates and takeovers", "Result"]
+
+
+def test_the_changelist_shows_badges_short_keys_and_the_lease_in_words(admin_client):
+    long_key = "order-" + "x" * 80
+    hold("shop.tasks.place_order", long_key, lease=600, ttl=3600)
+    stuck = claim("stuck", lease=0.2)
+    time.sleep(1.2)
+    body = admin_client.get(URL).content.decode()
+    assert '<span class="dedup-badge dedup-badge--processing"' in body
+    (cell,) = [
+        c for c in re.findall(r'<th class="field-message">(.*?)</th>', body) if "order-" in c
+    ]
+    assert f'title="{long_key}"' in cell  # the whole key on hover
+    assert long_key not in cell.replace(f'title="{long_key}"', "")  # and only there
+    assert "order-xxxxxxxxxxxxxxxxxxx…" in cell
+    assert "minutes left" in body  # the 600 s lease
+    assert "expired 1 second ago" in body
+    assert "dedup_celery/admin.css" in body
+    assert stuck.key in body
+
+
+def test_the_scope_column_and_filter_appear_only_when_a_scope_is_not_its_task(admin_client):
+    claim("plain-scope")
+    body = admin_client.get(URL).content.decode()
+    assert "column-short_scope" not in body
+    assert "?scope=" not in body
+    hold("admin.task", "shared", scope="shared-orders", lease=60)
+    body = admin_client.get(URL).content.decode()
+    assert "column-short_scope" in body
+    assert "?scope=shared-orders" in body
+
+
+def test_the_lease_and_duplicate_filters_and_the_date_hierarchy(admin_client):
+    stuck = claim("stuck-one", lease=0.2)
+    running = claim("running-one", lease=600)
+    done = consumed("duplicated-one")
+    get_backend().claim(claim_for("admin.task", "duplicated-one", task_id="a-copy"))
+    time.sleep(0.4)
+    expired = admin_client.get(URL, {"lease": "expired"}).content.decode()
+    assert stuck.key in expired
+    assert running.key not in expired
+    live = admin_client.get(URL, {"lease": "live"}).content.decode()
+    assert (running.key in live, stuck.key in live) == (True, False)
+    met = admin_client.get(URL, {"duplicates": "some"}).content.decode()
+    assert (done.key in met, running.key in met) == (True, False)
+    today = DedupRecord.objects.get(key="stuck-one").created_at
+    page = admin_client.get(URL, {"created_at__year": today.year})
+    assert page.status_code == 200
+    assert stuck.key in page.content.decode()
+    assert 'class="toplinks"' in admin_client.get(URL).content.decode()  # the date hierarchy
+
+
+OVERVIEW = f"{URL}overview/"
+
+
+def test_the_overview_sums_each_task_and_charts_its_records_per_hour(admin_client):
+    for n in range(3):
+        made = hold("shop.ship", f"ship-{n}", lease=600, ttl=3600)
+        if n:
+            get_backend().complete(made, None)
+    get_backend().claim(claim_for("shop.ship", "ship-1", task_id="a-copy"))
+    poisoned = hold("shop.pay", "pay-1", lease=0.1, ttl=3600, cap=0)
+    time.sleep(0.2)
+    get_backend().claim(claim_for("shop.pay", "pay-1", cap=0))  # the takeover poisons it
+    assert DedupRecord.objects.get(key=poisoned.key).status == "poisoned"
+    page = admin_client.get(OVERVIEW)
+    assert page.status_code == 200
+    rows = {summary.task_name: summary for summary in page.context["summaries"]}
+    ship, pay = rows["shop.ship"], rows["shop.pay"]
+    assert (ship.total, ship.by_status["consumed"], ship.by_status["processing"]) == (3, 2, 1)
+    assert ship.skipped == 1
+    assert ship.oldest_processing is not None
+    assert pay.by_status["poisoned"] == 1
+    assert page.context["total"].total == 4
+    # Every record was made this hour: the last of the 24 bars is the tallest.
+    assert ship.per_hour == [0] * 23 + [3]
+    assert ship.bars[-1]["height"] == 40
+    assert ship.bars[0]["height"] == 0
+    body = page.content.decode()
+    assert body.count("<rect ") == 24 * 3  # two tasks and the total
+    assert "status__exact=poisoned" in body  # poisoned records link to their releasable list
+    assert "releasable" in body
+    assert "<script" not in body.split('id="dedup-overview"')[1]
+
+
+def test_the_overview_is_linked_from_the_changelist_and_needs_the_view_permission(client):
+    staff = User.objects.create_user("staff", password="pw", is_staff=True)
+    client.force_login(staff)
+    assert client.get(OVERVIEW).status_code == 403
+    staff.user_permissions.add(Permission.objects.get(codename="view_deduprecord"))
+    client.force_login(User.objects.get(pk=staff.pk))
+    assert client.get(OVERVIEW).status_code == 200
+    assert 'href="/admin/dedup_celery/deduprecord/overview/"' in client.get(URL).content.decode()
+    assert "The message table is empty" in client.get(OVERVIEW).content.decode()

@@ -64,20 +64,11 @@ def shot(driver, name):
     driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
 
 
-def test_an_operator_filters_and_releases_an_expired_processing_record(live_server, browser):
+def log_in_and_open_the_changelist(browser, live_server):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
+    from selenium.webdriver.support.ui import WebDriverWait
 
     User.objects.create_superuser("operator", "op@example.com", "correct horse")
-    backend = get_backend()
-    expired = claim_for("shop.place", "stuck-order", lease=0.2)
-    live = claim_for("shop.place", "running-order", lease=600)
-    done = claim_for("shop.place", "done-order")
-    for claim in (expired, live, done):
-        backend.claim(claim)
-    backend.complete(done, None)
-    time.sleep(0.4)
-
     browser.get(f"{live_server.url}/admin/login/")
     browser.find_element(By.NAME, "username").send_keys("operator")
     browser.find_element(By.NAME, "password").send_keys("correct horse")
@@ -97,6 +88,22 @@ def test_an_operator_filters_and_releases_an_expired_processing_record(live_serv
         ),
         "the message table's change list did not open",
     )
+
+
+def test_an_operator_filters_and_releases_an_expired_processing_record(live_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    backend = get_backend()
+    expired = claim_for("shop.place", "stuck-order", lease=0.2)
+    live = claim_for("shop.place", "running-order", lease=600)
+    done = claim_for("shop.place", "done-order")
+    for claim in (expired, live, done):
+        backend.claim(claim)
+    backend.complete(done, None)
+    time.sleep(0.4)
+
+    log_in_and_open_the_changelist(browser, live_server)
     shot(browser, "1-changelist")
     assert "done-order" in browser.page_source
 
@@ -136,3 +143,109 @@ def test_an_operator_filters_and_releases_an_expired_processing_record(live_serv
     assert "1 record(s) not released" in browser.page_source  # the live lease, refused
     assert not DedupRecord.objects.filter(key="stuck-order").exists()
     assert DedupRecord.objects.get(key="running-order").owner.hex == live.owner
+
+
+BADGE_COLOURS = {
+    "processing": "rgba(47, 111, 179, 1)",
+    "consumed": "rgba(46, 125, 79, 1)",
+    "failed": "rgba(178, 106, 0, 1)",
+    "poisoned": "rgba(179, 38, 30, 1)",
+}
+
+
+def a_shop_of_records():
+    """Records of every status, long task names and keys, duplicates and a poisoned one."""
+    backend = get_backend()
+    long_task = "shop.fulfilment.tasks.reserve_inventory_for_marketplace_order"
+    for n in range(6):
+        made = claim_for(long_task, f"marketplace-order-{n:04d}-" + "x" * 60, lease=600)
+        backend.claim(made)
+        if n % 2:
+            backend.complete(made, {"reserved": n})
+            backend.claim(claim_for(long_task, made.key, task_id=f"copy-{n}"))
+    failing = claim_for("shop.mail.send_receipt", "receipt-17")
+    backend.claim(failing)
+    backend.fail(failing)
+    stuck = claim_for("shop.pay.capture", "payment-9", lease=0.2, cap=0)
+    backend.claim(stuck)
+    time.sleep(0.4)
+    backend.claim(claim_for("shop.pay.capture", "payment-9", cap=0))  # poisons it
+    done = claim_for("shop.mail.send_receipt", "receipt-18")
+    backend.claim(done)
+    backend.complete(done, None)
+    return done
+
+
+def test_the_changelist_fits_the_overview_shows_and_a_record_is_forgotten(live_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    done = a_shop_of_records()
+    log_in_and_open_the_changelist(browser, live_server)
+    shot(browser, "5-badges")
+    # 1400 px wide, and nothing scrolls sideways: long names and keys are cut, whole on hover.
+    assert browser.execute_script("return window.innerWidth") == 1400
+    assert browser.execute_script(
+        "return document.documentElement.scrollWidth <= document.documentElement.clientWidth"
+    )
+    results = browser.find_element(By.CSS_SELECTOR, "#changelist .results")
+    assert browser.execute_script(
+        "return arguments[0].scrollWidth <= arguments[0].clientWidth", results
+    )
+    for status, colour in BADGE_COLOURS.items():
+        badge = browser.find_element(By.CSS_SELECTOR, f".dedup-badge--{status}")
+        assert badge.value_of_css_property("background-color") == colour
+    leases = [cell.text for cell in browser.find_elements(By.CSS_SELECTOR, "td.field-lease")]
+    assert "9 minutes left" in leases  # the 600 s leases, in words
+    assert "—" in leases  # finished records have no lease: the one placeholder
+
+    browser.find_element(By.CSS_SELECTOR, "a.dedup-overview-link").click()
+    WebDriverWait(browser, 10).until(
+        lambda driver: driver.find_elements(By.ID, "dedup-overview"), "the overview did not open"
+    )
+    shot(browser, "6-overview")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#dedup-overview tbody tr")
+    assert len(rows) == 3  # three task names
+    assert len(browser.find_elements(By.CSS_SELECTOR, "svg.dedup-chart rect")) == 24 * 4
+    tallest = [
+        float(rect.get_attribute("height"))
+        for rect in browser.find_elements(By.CSS_SELECTOR, "tfoot svg.dedup-chart rect")
+    ]
+    assert (tallest[-1], sum(tallest[:-1])) == (40, 0)  # every record was made this hour
+    poisoned = browser.find_element(
+        By.CSS_SELECTOR, "#dedup-overview tbody a .dedup-badge--poisoned"
+    )
+    assert poisoned.text == "1"
+    assert browser.execute_script(
+        "return document.documentElement.scrollWidth <= document.documentElement.clientWidth"
+    )
+
+    browser.get(f"{live_server.url}/admin/dedup_celery/deduprecord/?status__exact=consumed")
+    pk = DedupRecord.objects.get(key=done.key).pk
+    browser.find_element(By.CSS_SELECTOR, f"input[name=_selected_action][value='{pk}']").click()
+    Select(browser.find_element(By.NAME, "action")).select_by_value("forget_records")
+    browser.find_element(By.CSS_SELECTOR, "div.actions [type=submit]").click()
+    WebDriverWait(browser, 10).until(
+        lambda driver: driver.find_elements(By.ID, "forget-records"),
+        "the forget confirmation page did not open",
+    )
+    assert done.owner in browser.page_source
+    shot(browser, "7-forget-confirm")
+    browser.find_element(By.CSS_SELECTOR, "form input[type=submit][value=Forget]").click()
+    WebDriverWait(browser, 10).until(
+        lambda driver: driver.find_elements(By.CSS_SELECTOR, "ul.messagelist"),
+        "the changelist with the forget message did not come back",
+    )
+    shot(browser, "8-forgotten")
+    assert "1 record(s) forgotten" in browser.page_source
+    assert not DedupRecord.objects.filter(key=done.key).exists()
+
+    # The detail page: four groups, the status as its badge, the owner as 32 hex digits.
+    duplicated = DedupRecord.objects.filter(skipped__gt=0).first()
+    browser.get(f"{live_server.url}/admin/dedup_celery/deduprecord/{duplicated.pk}/change/")
+    headings = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "fieldset h2")]
+    assert headings == ["Message", "Ownership and lease", "Duplicates and takeovers", "Result"]
+    assert browser.find_element(By.CSS_SELECTOR, ".field-status_badge .dedup-badge--consumed")
+    assert duplicated.owner.hex in browser.page_source
+    assert duplicated.last_duplicate_task_id in browser.page_source
+    shot(browser, "9-detail")
