@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from celery.exceptions import Ignore, Reject
@@ -253,6 +254,15 @@ def misconfigured(task: Any, exc: DedupConfigurationError) -> NoReturn:
     republish(task, request, label, countdown)
 
 
+def _apply_async(signature: Any) -> None:
+    signature.apply_async()
+
+
+#: How a rescheduled copy is sent: published to the broker. :mod:`dedup_celery.testing`
+#: swaps it for a capture while it runs, to deliver the copies itself.
+send_copy: Callable[[Any], None] = _apply_async
+
+
 def reschedule(
     delivery: Delivery, countdown: float, headers: dict[str, Any] | None = None
 ) -> NoReturn:
@@ -290,7 +300,7 @@ def republish(
         headers=carried,
     )
     try:
-        signature.apply_async()
+        send_copy(signature)
     except Exception as exc:
         logger.error(
             "%s: could not publish the rescheduled copy (%s); the message is requeued instead.",
