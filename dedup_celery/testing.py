@@ -47,12 +47,15 @@ from celery.app.trace import build_tracer
 from django.db import connections
 
 from dedup_celery import signals
+from dedup_celery.backends.db import kept
 from dedup_celery.delivery import outcomes
 
 __all__ = ["Delivered", "Deliveries", "deliver", "deliver_at_once"]
 
 #: How many times a rescheduled copy is delivered again before the helper stops.
 MAX_REDELIVERIES = 5
+#: Seconds a transactional copy is held at most (see :func:`deliver_at_once`).
+TRANSACTIONAL_HOLD = 1.0
 _running = threading.Lock()
 
 
@@ -144,6 +147,9 @@ def _watching(task: Any, hold: threading.Event | None, timeout: float) -> Iterat
         outcomes.send_copy = previous
         signals.message_claimed.disconnect(watch.claimed_now, sender=task)
         signals.duplicate_skipped.disconnect(watch.skipped, sender=task)
+        # The copies on this thread claimed through the database backend's own kept
+        # connection, as a worker's would: close it, or it outlives the test's database.
+        kept.close_all()
         _running.release()
 
 
@@ -243,12 +249,19 @@ def deliver_at_once(
 
     The copy that claims the message first is held, after its claim and before
     its body, until every other copy has met that claim (or *timeout* seconds
-    passed), so the copies really overlap. Rescheduled copies are delivered
-    again afterwards. Each thread closes its database connections when done.
+    passed), so the copies really overlap. A transactional copy is held one
+    second at most: on MySQL/MariaDB and SQLite the other copies wait for its
+    lock rather than meet it, and then find it committed (``"skipped"``).
+    Rescheduled copies are delivered again afterwards. Each thread closes its
+    database connections when done; the helper waits for every body to end.
     """
     task = _real(task)
     ids = _ids(copies, task_id, same_id)
+    if getattr(task, "dedup_transactional", False):
+        timeout = min(timeout, TRANSACTIONAL_HOLD)
     others_decided = threading.Event()
+    if len(ids) == 1:
+        others_decided.set()
     finished: list[Delivered] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
@@ -272,8 +285,7 @@ def deliver_at_once(
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(timeout * 3)
-        others_decided.set()
+            thread.join()
         if errors:
             raise errors[0]
         done = Deliveries(finished)

@@ -19,6 +19,7 @@ from django.db.models.functions import TruncHour
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from dedup_celery.admin import display
@@ -143,7 +144,9 @@ def overview_view(model_admin: Any, request: HttpRequest) -> TemplateResponse:
     if not model_admin.has_view_or_change_permission(request):
         raise PermissionDenied
     rows = model_admin.get_queryset(request)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    # The database's clock, which wrote every time on the records (aware or naive as
+    # USE_TZ says); the web server's only when the table is empty.
+    now = rows.values_list("store_now", flat=True).first() or timezone.now()
     summaries, total = summarize(rows, now)
     changelist = reverse("admin:dedup_celery_deduprecord_changelist")
     start = now.replace(minute=0, second=0, microsecond=0) - datetime.timedelta(hours=HOURS - 1)

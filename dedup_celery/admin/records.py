@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
+from django.db import connections
 from django.db.models import F, QuerySet
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path
+from django.utils import timezone
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext_lazy as _
 
@@ -111,7 +114,6 @@ class DedupRecordAdmin(_ModelAdmin):
         ScopeFilter,
         ("created_at", admin.DateFieldListFilter),
     )
-    date_hierarchy = "created_at"
     search_fields = ("key", "task_id", "=key_digest")
     ordering = ("-created_at",)
     actions = ("release_records", "forget_records")
@@ -123,6 +125,22 @@ class DedupRecordAdmin(_ModelAdmin):
 
     class Media:
         css = {"all": ("dedup_celery/admin.css",)}
+
+    @property
+    def date_hierarchy(self) -> str | None:  # type: ignore[override]  # an attribute in Django
+        """``created_at``, except where the database cannot convert to the current time zone.
+
+        MySQL/MariaDB convert with ``CONVERT_TZ``, which needs the server's time zone
+        tables; without them the hierarchy's query fails. Only UTC needs no conversion.
+        """
+        alias = message_table_alias(get_settings().database)
+        if (
+            connections[alias].vendor == "mysql"
+            and settings.USE_TZ
+            and timezone.get_current_timezone_name() != "UTC"
+        ):
+            return None
+        return "created_at"
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[DedupRecord]:
         """Read the backend's database, with each lease judged and aged by its clock."""

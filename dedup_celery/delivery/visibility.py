@@ -61,10 +61,11 @@ def announce(delivery: Delivery, record: Record | None, verdict: Verdict) -> Non
     fields = {"dedup_original_id": record.task_id, "dedup_verdict": verdict.value}
     request = delivery.request
     meta = getattr(request, "meta", None)
-    if meta is None:
-        request.meta = dict(fields)
-    elif isinstance(meta, dict):
-        meta.update(fields)  # merged, never replaced: others may keep their own keys there
+    # Only a final disposition writes a result row. A rescheduled copy writes none, and its
+    # message (headers, a "meta" header among them) is published again as it came.
+    if verdict is not Verdict.IN_FLIGHT and (meta is None or isinstance(meta, dict)):
+        # A new dict with the old keys: the one the message's headers hold stays untouched.
+        request.meta = {**(meta or {}), **fields}
     if request.is_eager or not task_events_enabled(delivery.task):
         return
     try:

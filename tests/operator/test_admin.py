@@ -341,3 +341,29 @@ def test_the_overview_is_linked_from_the_changelist_and_needs_the_view_permissio
     assert client.get(OVERVIEW).status_code == 200
     assert 'href="/admin/dedup_celery/deduprecord/overview/"' in client.get(URL).content.decode()
     assert "The message table is empty" in client.get(OVERVIEW).content.decode()
+
+
+def test_the_overview_and_the_list_work_without_time_zones(admin_client, settings):
+    settings.USE_TZ = False
+    claim("naive-one", lease=600)
+    assert admin_client.get(URL).status_code == 200
+    page = admin_client.get(OVERVIEW)
+    assert page.status_code == 200
+    (summary,) = page.context["summaries"]
+    assert summary.per_hour[-1] == 1
+    assert summary.oldest_age.endswith("seconds")
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "mysql"])
+def test_on_mariadb_the_date_hierarchy_appears_only_where_it_needs_no_time_zone_tables(
+    admin_client, settings
+):
+    settings.DEDUP_CELERY = {"DATABASE": "mysql", "RETRY_COUNTDOWN": 1}
+    claim("in-mariadb", lease=600)
+    assert 'class="toplinks"' in admin_client.get(URL).content.decode()  # UTC: no conversion
+    settings.TIME_ZONE = "Europe/Berlin"  # the throwaway server has no time zone tables
+    page = admin_client.get(URL)
+    assert page.status_code == 200
+    assert "in-mariadb" in page.content.decode()
+    assert 'class="toplinks"' not in page.content.decode()
+    assert admin_client.get(OVERVIEW).status_code == 200

@@ -98,3 +98,22 @@ def test_a_copy_rescheduled_behind_another_task_id_says_in_flight(sent, celery_b
     assert (fields["dedup_original_id"], fields["dedup_verdict"]) == (holder.task_id, "in_flight")
     with app.connection_for_read() as connection:
         connection.SimpleQueue("q-unit-announce").clear()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rescheduled_copy_carries_its_message_meta_as_it_came(sent, celery_broker):
+    # The holder's body may still fail; the copy then runs the body itself, and its row
+    # must not say it was a duplicate.
+    n = uuid.uuid4().hex
+    hold(announced, f"n:{n}", task_id=str(uuid.uuid4()), identity=ELSEWHERE)
+    copy_id = str(uuid.uuid4())
+    headers = {"meta": {"tenant": "acme"}}
+    run_as_worker(announced, copy_id, [n], {}, queue="q-unit-announce-meta", headers=headers)
+    with app.connection_for_read() as connection:
+        queue = connection.SimpleQueue("q-unit-announce-meta")
+        message = queue.get(timeout=5)
+        message.ack()
+        queue.close()
+    assert message.headers["id"] == copy_id
+    assert message.headers["meta"] == {"tenant": "acme"}
+    assert headers["meta"] == {"tenant": "acme"}

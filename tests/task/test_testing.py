@@ -113,3 +113,57 @@ def test_the_helper_publishes_nothing_and_restores_the_broker_path():
     assert outcomes.send_copy is before
     with pytest.raises(ValueError, match="copies must be 1 or more"):
         deliver(by_id, args=("x",), copies=0)
+
+
+def _other_sessions():
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return cursor.fetchone()[0]
+
+
+def test_the_helper_leaves_no_database_session_behind():
+    # A user's suite has no fixture closing the backend's kept connection: the helper does.
+    before = _other_sessions()
+    deliver(by_id, args=(uuid.uuid4().hex,))
+    deliver_at_once(by_id, args=(uuid.uuid4().hex,))
+    assert _other_sessions() == before
+
+
+@shared_task(bind=True, base=DedupTask, name="unit.testing.slow")
+def slow(self, tag):
+    time.sleep(1.0)
+    return effect(tag, 1, self.request.id)
+
+
+def test_a_body_longer_than_the_hold_still_counts_once_and_one_copy_is_not_held():
+    tag = uuid.uuid4().hex
+    copies = deliver_at_once(slow, args=(tag,), timeout=0.2)
+    assert copies.body_runs == 1
+    assert effects(tag) == 1
+    assert copies.outcomes.count("ran") == 1
+    started = time.monotonic()
+    alone = deliver_at_once(by_id, args=(uuid.uuid4().hex,), copies=1, timeout=30)
+    assert alone.outcomes == ["ran"]
+    assert time.monotonic() - started < 10  # not held for the 30 s: nobody else to wait for
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "mysql"])
+def test_transactional_copies_at_once_on_mariadb_wait_for_the_lock_and_skip(settings):
+    settings.DEDUP_CELERY = {"DATABASE": "mysql", "RETRY_COUNTDOWN": 1}
+    tag = uuid.uuid4().hex
+    started = time.monotonic()
+    copies = deliver_at_once(transactional_mysql, args=(tag,), copies=3, timeout=30)
+    assert copies.body_runs == 1
+    assert Effect.objects.using("mysql").filter(tag=tag).count() == 1
+    assert time.monotonic() - started < 10  # held one second, not the 30 s
+
+
+@shared_task(bind=True, base=DedupTask, name="unit.testing.tx_mysql", dedup_transactional=True)
+def transactional_mysql(self, tag):
+    Effect.objects.using("mysql").create(tag=tag, n=1, task_id=self.request.id, pid=os.getpid())
+    return tag
