@@ -330,3 +330,17 @@ def test_every_bypassed_task_is_named_in_one_warning(celery_app, settings):
     (warning,) = [m for m in messages if m.id == "dedup_celery.W011"]
     assert warning.obj == "c.named, c.own"
     assert warning.msg.startswith("2 tasks 'c.named', 'c.own': dedup is bypassed")
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [{"RETRY_COUNTDOWNN": 1}, {"MAX_TAKEOVERS": 0}, {"DATABASE": "nowhere"}],
+    ids=["unknown-key", "bad-value", "bad-database"],
+)
+def test_every_check_runs_with_a_broken_configuration_and_reports_it(settings, broken):
+    # Django's own checks (the admin's among them) read the package's admin: none may
+    # raise on a broken DEDUP_CELERY, or a worker dies with a traceback instead of the
+    # package's list of errors (Celery's Django fixup runs every check at start).
+    settings.DEDUP_CELERY = broken
+    found = ids(run_checks())
+    assert {"dedup_celery.E002", "dedup_celery.E003", "dedup_celery.E005"} & set(found)

@@ -23,7 +23,7 @@ from dedup_celery.admin.filters import DuplicatesFilter, LeaseFilter, ScopeFilte
 from dedup_celery.backends.db import message_table_alias
 from dedup_celery.clock import StoreNow
 from dedup_celery.conf import get_settings
-from dedup_celery.exceptions import StorageError
+from dedup_celery.exceptions import DedupConfigurationError, StorageError
 from dedup_celery.managers import DedupRecordQuerySet
 from dedup_celery.models import DedupRecord
 from dedup_celery.operator import forget_record, release_record
@@ -132,8 +132,13 @@ class DedupRecordAdmin(_ModelAdmin):
 
         MySQL/MariaDB convert with ``CONVERT_TZ``, which needs the server's time zone
         tables; without them the hierarchy's query fails. Only UTC needs no conversion.
+        Django's own checks read this, so a broken ``DEDUP_CELERY`` must not raise here:
+        the package's checks report it.
         """
-        alias = message_table_alias(get_settings().database)
+        try:
+            alias = message_table_alias(get_settings().database)
+        except DedupConfigurationError:
+            return "created_at"
         if (
             connections[alias].vendor == "mysql"
             and settings.USE_TZ
