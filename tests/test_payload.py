@@ -1,0 +1,49 @@
+"""The payload fingerprint (issue 13's groundwork): canonical, stable, None for non-JSON."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import hashlib
+import uuid
+
+from dedup_celery.payload import canonical, fingerprint
+
+
+def test_equal_arguments_give_one_digest_whatever_their_order_or_sequence_type():
+    a = fingerprint((1, "x"), {"b": 2, "a": {"z": 1, "y": [1, 2]}})
+    b = fingerprint([1, "x"], {"a": {"y": (1, 2), "z": 1}, "b": 2})
+    assert a == b
+    assert len(a) == 64
+
+
+def test_different_arguments_give_different_digests():
+    base = fingerprint((1,), {"note": "x"})
+    assert fingerprint((2,), {"note": "x"}) != base
+    assert fingerprint((1,), {"note": "y"}) != base
+    assert fingerprint((1,), {"note": "x", "extra": None}) != base
+    assert fingerprint(("1",), {"note": "x"}) != base  # a string is not a number
+    assert fingerprint((), {}) != fingerprint(((),), {})
+
+
+def test_the_digest_is_the_sha256_of_the_compact_sorted_utf8_json():
+    digest = fingerprint(("é", 1.5), {"b": True, "a": None})
+    expected = hashlib.sha256('[["é",1.5],{"a":null,"b":true}]'.encode()).hexdigest()
+    assert digest == expected
+
+
+def test_what_kombu_decodes_beyond_json_has_a_digest_too():
+    # kombu's JSON carries datetimes, UUIDs and Decimals, and the worker sees them decoded.
+    when = datetime.datetime(2026, 12, 4, 12, 0, tzinfo=datetime.timezone.utc)
+    args = (when, uuid.UUID(int=7), decimal.Decimal("1.10"))
+    assert fingerprint(args, {}) == fingerprint(args, {})
+    assert b"2026-12-04" in canonical(list(args))
+
+
+def test_arguments_json_cannot_hold_have_no_fingerprint():
+    assert fingerprint((object(),), {}) is None
+    assert fingerprint((), {"f": {1, 2}}) is None
+
+
+def test_a_lone_surrogate_is_kept_not_dropped():
+    assert fingerprint(("\ud800",), {}) != fingerprint(("",), {})
