@@ -95,8 +95,7 @@ class Deliveries(list[Delivered]):
 class _Watch:
     """The package's signals for one task, told apart per thread (each copy has its own)."""
 
-    def __init__(self, task: Any, hold_first_claim: threading.Event | None, timeout: float):
-        self.task = task
+    def __init__(self, hold_first_claim: threading.Event | None, timeout: float):
         self.seen: dict[int, str] = {}
         self.copies: list[tuple[Any, dict[str, Any]]] = []
         self.hold = hold_first_claim
@@ -135,7 +134,7 @@ def _real(task: Any) -> Any:
 
 @contextmanager
 def _watching(task: Any, hold: threading.Event | None, timeout: float) -> Iterator[_Watch]:
-    watch = _Watch(task, hold, timeout)
+    watch = _Watch(hold, timeout)
     if not _running.acquire(blocking=False):
         raise RuntimeError("dedup_celery.testing: one deliver() at a time per process")
     signals.message_claimed.connect(watch.claimed_now, sender=task, weak=False)

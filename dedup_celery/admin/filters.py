@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin
-from django.db.models import F, Q, QuerySet
+from django.db.models import Q, QuerySet
 from django.http import HttpRequest
 from django.utils.translation import gettext_lazy as _
 
@@ -24,10 +24,14 @@ class ScopeFilter(admin.SimpleListFilter):
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
         """The scopes, if any record's scope differs from its task name; else none (hidden)."""
-        rows = model_admin.get_queryset(request)
-        if not rows.exclude(scope=F("task_name")).exists():
+        if not model_admin.scopes_differ(request):
             return []
-        scopes = rows.order_by("scope").values_list("scope", flat=True).distinct()
+        scopes = (
+            model_admin.get_queryset(request)
+            .order_by("scope")
+            .values_list("scope", flat=True)
+            .distinct()
+        )
         return [(scope, scope) for scope in scopes]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:

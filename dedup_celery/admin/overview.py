@@ -59,6 +59,11 @@ class TaskSummary:
         ]
 
 
+def window_start(now: datetime.datetime) -> datetime.datetime:
+    """The first hour the charts show: the current hour and the HOURS - 1 before it."""
+    return now.replace(minute=0, second=0, microsecond=0) - datetime.timedelta(hours=HOURS - 1)
+
+
 def _bars(counts: list[int], start: datetime.datetime) -> list[dict[str, Any]]:
     """SVG rectangles for *counts*, one per hour from *start*, scaled to the largest."""
     tallest = max(counts, default=0) or 1
@@ -107,7 +112,7 @@ def summarize(rows: Any, now: datetime.datetime) -> tuple[list[TaskSummary], Tas
             takeovers=row["takeovers_sum"] or 0,
             oldest_processing=row["oldest_processing"],
         )
-    start = now.replace(minute=0, second=0, microsecond=0) - datetime.timedelta(hours=HOURS - 1)
+    start = window_start(now)
     hourly = (
         rows.order_by()
         .filter(created_at__gte=start)
@@ -149,7 +154,7 @@ def overview_view(model_admin: Any, request: HttpRequest) -> TemplateResponse:
     now = rows.values_list("store_now", flat=True).first() or timezone.now()
     summaries, total = summarize(rows, now)
     changelist = reverse("admin:dedup_celery_deduprecord_changelist")
-    start = now.replace(minute=0, second=0, microsecond=0) - datetime.timedelta(hours=HOURS - 1)
+    start = window_start(now)
     for summary in [*summaries, total]:
         query = {"task_name__exact": summary.task_name} if summary is not total else {}
         summary.links = {

@@ -96,11 +96,6 @@ else:
     _ModelAdmin = admin.ModelAdmin  # not subscriptable at run time
 
 
-def _scopes_differ(rows: QuerySet[DedupRecord]) -> bool:
-    """True if some record's scope is not its task's name (a ``dedup_scope`` is in use)."""
-    return rows.exclude(scope=F("task_name")).exists()
-
-
 class DedupRecordAdmin(_ModelAdmin):
     """Lists message records; only the release and forget actions change anything."""
 
@@ -153,10 +148,21 @@ class DedupRecordAdmin(_ModelAdmin):
         rows = cast(DedupRecordQuerySet, super().get_queryset(request).using(alias))
         return rows.with_lease_expired().annotate(store_now=StoreNow())
 
+    def scopes_differ(self, request: HttpRequest) -> bool:
+        """True if some record's scope is not its task's name (a ``dedup_scope`` is in use).
+
+        Asked by the column list and the scope filter: one query per request.
+        """
+        cached = getattr(request, "_dedup_scopes_differ", None)
+        if cached is None:
+            cached = self.get_queryset(request).exclude(scope=F("task_name")).exists()
+            request._dedup_scopes_differ = cached  # type: ignore[attr-defined]
+        return cached
+
     def get_list_display(self, request: HttpRequest) -> Any:
         """The columns; the scope beside the task only when some scope is not the task name."""
         columns = list(super().get_list_display(request))
-        if _scopes_differ(self.get_queryset(request)):
+        if self.scopes_differ(request):
             columns.insert(columns.index("message") + 1, "short_scope")
         return columns
 

@@ -64,6 +64,37 @@ def shot(driver, name):
     driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
 
 
+def choose_action(browser, pks, action):
+    """Tick the records *pks*, run *action* ("release" or "forget"): its confirmation opens."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    for pk in pks:
+        checkbox = browser.find_element(
+            By.CSS_SELECTOR, f"input[name=_selected_action][value='{pk}']"
+        )
+        checkbox.click()
+        assert checkbox.is_selected()
+    Select(browser.find_element(By.NAME, "action")).select_by_value(f"{action}_records")
+    browser.find_element(By.CSS_SELECTOR, "div.actions [type=submit]").click()  # "Go" / "Run"
+    WebDriverWait(browser, 10).until(
+        lambda driver: driver.find_elements(By.ID, f"{action}-records"),
+        f"the {action} confirmation page did not open",
+    )
+
+
+def confirm_action(browser, label):
+    """Press the confirmation's *label* button; the changelist comes back with messages."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.find_element(By.CSS_SELECTOR, f"form input[type=submit][value={label}]").click()
+    WebDriverWait(browser, 10).until(
+        lambda driver: driver.find_elements(By.CSS_SELECTOR, "ul.messagelist"),
+        f"the changelist did not come back after {label}",
+    )
+
+
 def log_in_and_open_the_changelist(browser, live_server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -92,7 +123,7 @@ def log_in_and_open_the_changelist(browser, live_server):
 
 def test_an_operator_filters_and_releases_an_expired_processing_record(live_server, browser):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
+    from selenium.webdriver.support.ui import WebDriverWait
 
     backend = get_backend()
     expired = claim_for("shop.place", "stuck-order", lease=0.2)
@@ -117,27 +148,12 @@ def test_an_operator_filters_and_releases_an_expired_processing_record(live_serv
     shot(browser, "2-filtered")
 
     # Select both the stuck record and the live one: the release must refuse the live one.
-    for key in ("stuck-order", "running-order"):
-        pk = DedupRecord.objects.get(key=key).pk
-        checkbox = browser.find_element(
-            By.CSS_SELECTOR, f"input[name=_selected_action][value='{pk}']"
-        )
-        checkbox.click()
-        assert checkbox.is_selected()
-    Select(browser.find_element(By.NAME, "action")).select_by_value("release_records")
-    browser.find_element(By.CSS_SELECTOR, "div.actions [type=submit]").click()  # "Go" / "Run"
-    WebDriverWait(browser, 10).until(
-        lambda driver: driver.find_elements(By.ID, "release-records"),
-        "the release confirmation page did not open",
-    )
+    pks = [DedupRecord.objects.get(key=key).pk for key in ("stuck-order", "running-order")]
+    choose_action(browser, pks, "release")
     assert expired.owner in browser.page_source  # the owner the release compares against
     assert live.owner in browser.page_source
     shot(browser, "3-confirm")
-    browser.find_element(By.CSS_SELECTOR, "form input[type=submit][value=Release]").click()
-    WebDriverWait(browser, 10).until(
-        lambda driver: driver.find_elements(By.CSS_SELECTOR, "ul.messagelist"),
-        "the changelist with the release messages did not come back",
-    )
+    confirm_action(browser, "Release")
     shot(browser, "4-released")
     assert "1 record(s) released" in browser.page_source
     assert "1 record(s) not released" in browser.page_source  # the live lease, refused
@@ -178,7 +194,7 @@ def a_shop_of_records():
 
 def test_the_changelist_fits_the_overview_shows_and_a_record_is_forgotten(live_server, browser):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
+    from selenium.webdriver.support.ui import WebDriverWait
 
     done = a_shop_of_records()
     log_in_and_open_the_changelist(browser, live_server)
@@ -221,21 +237,10 @@ def test_the_changelist_fits_the_overview_shows_and_a_record_is_forgotten(live_s
     )
 
     browser.get(f"{live_server.url}/admin/dedup_celery/deduprecord/?status__exact=consumed")
-    pk = DedupRecord.objects.get(key=done.key).pk
-    browser.find_element(By.CSS_SELECTOR, f"input[name=_selected_action][value='{pk}']").click()
-    Select(browser.find_element(By.NAME, "action")).select_by_value("forget_records")
-    browser.find_element(By.CSS_SELECTOR, "div.actions [type=submit]").click()
-    WebDriverWait(browser, 10).until(
-        lambda driver: driver.find_elements(By.ID, "forget-records"),
-        "the forget confirmation page did not open",
-    )
+    choose_action(browser, [DedupRecord.objects.get(key=done.key).pk], "forget")
     assert done.owner in browser.page_source
     shot(browser, "7-forget-confirm")
-    browser.find_element(By.CSS_SELECTOR, "form input[type=submit][value=Forget]").click()
-    WebDriverWait(browser, 10).until(
-        lambda driver: driver.find_elements(By.CSS_SELECTOR, "ul.messagelist"),
-        "the changelist with the forget message did not come back",
-    )
+    confirm_action(browser, "Forget")
     shot(browser, "8-forgotten")
     assert "1 record(s) forgotten" in browser.page_source
     assert not DedupRecord.objects.filter(key=done.key).exists()
