@@ -35,7 +35,13 @@ DEFAULTS: dict[str, Any] = {
     # Run DedupTasks as plain tasks: True for all, or a list of task names (see
     # docs/operating.md, "Bypassing dedup"). Loud on purpose: a check, and a WARNING per delivery.
     "BYPASS": False,
+    # What a duplicate whose arguments differ from the original's does: "warn",
+    # "raise" or "ignore" (docs/settings.md, PAYLOAD_MISMATCH).
+    "PAYLOAD_MISMATCH": "warn",
 }
+
+#: The values of ``PAYLOAD_MISMATCH`` and of the ``dedup_payload_mismatch`` task option.
+PAYLOAD_MISMATCH_CHOICES = ("warn", "raise", "ignore")
 
 #: The longest duration a setting or option may have: 100 years. A claim adds
 #: its lease and RECORD_TTL to "now", and every store must hold the sum: Python's
@@ -71,6 +77,8 @@ class DedupSettings(Limits):
     pid_takeover: bool = True
     #: True (every DedupTask), or the names of the tasks that run without dedup.
     bypass: bool | frozenset[str] = False
+    #: One of :data:`PAYLOAD_MISMATCH_CHOICES`.
+    payload_mismatch: str = "warn"
 
 
 _cached: DedupSettings | None = None
@@ -151,6 +159,8 @@ def validate(raw: Any) -> list[checks.CheckMessage]:
         and all(isinstance(name, str) and name for name in bypass)
     ):
         bad("BYPASS", "True, False, or a list of task names")
+    if merged["PAYLOAD_MISMATCH"] not in PAYLOAD_MISMATCH_CHOICES:
+        bad("PAYLOAD_MISMATCH", "one of " + ", ".join(map(repr, PAYLOAD_MISMATCH_CHOICES)))
     database = merged["DATABASE"]
     if database is not None:
         if not isinstance(database, str):
@@ -201,6 +211,7 @@ def get_settings() -> DedupSettings:
                 if isinstance(merged["BYPASS"], bool)
                 else frozenset(merged["BYPASS"])
             ),
+            payload_mismatch=merged["PAYLOAD_MISMATCH"],
         )
     return _cached
 

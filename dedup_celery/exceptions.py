@@ -13,6 +13,20 @@ class DedupKeyError(DedupError):
     """A task's ``dedup_key`` callable raised or returned an unusable key."""
 
 
+class DedupPayloadError(DedupKeyError):
+    """A task's ``dedup_payload`` callable raised or returned what JSON cannot hold."""
+
+
+class PayloadMismatchError(DedupError):
+    """A duplicate's arguments differ from those of the message that holds its key.
+
+    Raised for a duplicate under its own task id when ``PAYLOAD_MISMATCH`` (or
+    the task's ``dedup_payload_mismatch``) is ``"raise"``: the duplicate fails
+    instead of answering with the original's result. A copy under the original's
+    own task id is ignored instead, so the original's state stays as it is.
+    """
+
+
 class DuplicateInFlightError(DedupError):
     """An eager call met a copy of the same message that is still running.
 

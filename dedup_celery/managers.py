@@ -83,7 +83,6 @@ class DedupRecordQuerySet(models.QuerySet["DedupRecord"]):
             consumed_at=StoreNow() if transactional else None,
             heartbeat_at=None,
             result=None,
-            payload_digest=None,
         )
         return fields
 

@@ -68,6 +68,13 @@ class DedupRecord(models.Model):
         blank=True,
         help_text=_("The task id of the latest duplicate counted on this record."),
     )
+    # db_default: workers of earlier releases insert rows without this column.
+    payload_mismatches = models.PositiveIntegerField(
+        _("payload mismatches"),
+        default=0,
+        db_default=0,
+        help_text=_("Duplicates whose arguments differed from this message's."),
+    )
 
     objects = DedupRecordQuerySet.as_manager()
 

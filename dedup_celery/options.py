@@ -15,6 +15,7 @@ from typing import Any
 
 from dedup_celery.conf import (
     DEFAULTS,
+    PAYLOAD_MISMATCH_CHOICES,
     SECONDS_RANGE,
     Limits,
     get_settings,
@@ -51,17 +52,22 @@ class TaskOptions(Limits):
     key_function: Callable[..., Any] | None
     #: Run as a plain task: ``dedup_bypass``, or ``BYPASS`` naming it (or True).
     bypass: bool = False
+    #: ``dedup_payload``: what of the arguments the payload fingerprint covers (None: all).
+    payload_function: Callable[..., Any] | None = None
+    #: ``dedup_payload_mismatch``, else ``PAYLOAD_MISMATCH``: "warn", "raise" or "ignore".
+    payload_mismatch: str = "warn"
 
 
-def key_function(task: Any) -> Any:
-    """Return a task's ``dedup_key`` option, unbound: a callable, None, or a wrong value.
+def key_function(task: Any, option: str = "dedup_key") -> Any:
+    """Return a task's ``dedup_key`` (or *option*), unbound: a callable, None, or a wrong value.
 
     The task decorator puts the option in the class dict, where a plain
     function would become a method; it is read without the descriptor protocol
     so it is always called as a plain function with the task's arguments. A
     value that is neither is returned as it is, for :func:`option_errors` to name.
+    ``dedup_payload`` is read the same way.
     """
-    func = inspect.getattr_static(task, "dedup_key", None)
+    func = inspect.getattr_static(task, option, None)
     if isinstance(func, staticmethod | classmethod):
         func = func.__func__
     return func
@@ -70,9 +76,17 @@ def key_function(task: Any) -> Any:
 def option_errors(task: Any) -> list[str]:
     """Return a sentence for every dedup option of *task* that can never work."""
     problems = []
-    func = key_function(task)
-    if func is not None and not callable(func):
-        problems.append(f"dedup_key is {func!r}; it must be None or a callable")
+    for option in ("dedup_key", "dedup_payload"):
+        func = key_function(task, option)
+        if func is not None and not callable(func):
+            problems.append(f"{option} is {func!r}; it must be None or a callable")
+    mismatch = getattr(task, "dedup_payload_mismatch", None)
+    if mismatch is not None and mismatch not in PAYLOAD_MISMATCH_CHOICES:
+        choices = ", ".join(map(repr, PAYLOAD_MISMATCH_CHOICES))
+        problems.append(
+            f"dedup_payload_mismatch is {mismatch!r}; it must be None (follow "
+            f"PAYLOAD_MISMATCH) or one of {choices}"
+        )
     bypass = task.dedup_bypass
     if not isinstance(bypass, bool):
         problems.append(f"dedup_bypass is {bypass!r}; it must be a bool")
@@ -141,6 +155,8 @@ def _resolve(task: Any, conf: Any) -> TaskOptions:
         scope=scope_for(task),
         transactional=task.dedup_transactional,
         key_function=key_function(task),
+        payload_function=key_function(task, "dedup_payload"),
+        payload_mismatch=getattr(task, "dedup_payload_mismatch", None) or conf.payload_mismatch,
         bypass=task.dedup_bypass is True
         or conf.bypass is True
         or (isinstance(conf.bypass, frozenset) and task.name in conf.bypass),

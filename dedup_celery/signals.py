@@ -14,7 +14,9 @@ message_claimed = Signal()
 #: A duplicate was skipped (the body did not run). Adds ``reason``: ``"consumed"``
 #: for a copy of a consumed message, ``"stale"`` for a copy of a delivery whose
 #: body already raised, ``"expired"`` for a copy made by a reschedule that arrived
-#: after its message's ``expires`` (``record`` is None: the store was not asked).
+#: after its message's ``expires`` (``record`` is None: the store was not asked),
+#: ``"payload_mismatch"`` for a copy of a message in flight whose arguments differ,
+#: refused under ``PAYLOAD_MISMATCH = "raise"``.
 duplicate_skipped = Signal()
 #: A duplicate of a message still in flight was rescheduled. Adds ``countdown``.
 duplicate_rescheduled = Signal()
@@ -36,3 +38,9 @@ message_forgotten = Signal()
 #: Deliveries of a message kept dying in the body and MAX_TAKEOVERS was reached:
 #: the record is now POISONED.
 message_poisoned = Signal()
+#: A duplicate's payload fingerprint differed from the record's (``PAYLOAD_MISMATCH``
+#: is not ``"ignore"``); sent once per copy, before the copy is handled. Adds
+#: ``original_task_id`` (the record's task id), ``payload_digest`` (the copy's
+#: fingerprint) and ``verdict`` (``"consumed"``, ``"in_flight"``, ``"stale"`` or
+#: ``"poisoned"``). Never the arguments.
+payload_mismatch = Signal()

@@ -35,6 +35,11 @@ class DedupTask(_Base):
     * ``dedup_heartbeat_interval``: renew the lease this often while the body
       runs; None turns renewal off for this task; left alone, it follows
       ``HEARTBEAT_INTERVAL``.
+    * ``dedup_payload``: None (the fingerprint covers all the arguments) or a
+      callable that gets the task's args and kwargs and returns the JSON-able
+      part that counts (None: no fingerprint for that call).
+    * ``dedup_payload_mismatch``: ``"warn"``, ``"raise"`` or ``"ignore"``, what
+      a duplicate whose payload differs does; None follows ``PAYLOAD_MISMATCH``.
 
     While the body runs, ``self.request.dedup_owner`` holds this delivery's
     owner token (None when the call runs without dedup), so the body can make its
@@ -55,6 +60,8 @@ class DedupTask(_Base):
     dedup_retry_countdown: ClassVar[float | None] = None
     dedup_record_ttl: ClassVar[float | None] = None
     dedup_heartbeat_interval: ClassVar[Any] = USE_SETTING  # a number, None, or USE_SETTING
+    dedup_payload: ClassVar[Callable[..., Any] | None] = None
+    dedup_payload_mismatch: ClassVar[str | None] = None
 
     #: The worker-side request: when a child dies mid-task, the worker's main
     #: process ends that child's lease so the redelivery runs at once.

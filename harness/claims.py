@@ -30,6 +30,7 @@ def make_claim(
     attempt=0,
     cap=5,
     identity=None,
+    payload_digest=None,
 ) -> Claim:
     """Return a claim for *key*; every field can be set, the rest are fresh or defaults."""
     return Claim(
@@ -44,4 +45,5 @@ def make_claim(
         lease_seconds=lease,
         record_ttl=ttl,
         max_takeovers=cap,
+        payload_digest=payload_digest,
     )

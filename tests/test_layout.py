@@ -34,9 +34,12 @@ def test_the_model_columns_are_the_record_fields_in_order():
 
 
 def test_the_claimant_fields_follow_scope_key_and_key_digest_in_the_record():
-    # first_claim_record splices the claimant's values into Record by position.
-    assert RECORD_FIELDS[:13] == ("scope", "key", "key_digest", *CLAIMANT_FIELDS[1:])
+    # first_claim_record splices the claimant's values into Record by position: all but
+    # the last, payload_digest, which the record keeps right after result.
+    assert RECORD_FIELDS[:13] == ("scope", "key", "key_digest", *CLAIMANT_FIELDS[1:-1])
     assert CLAIMANT_FIELDS[0] == "key"
+    assert CLAIMANT_FIELDS[-1] == "payload_digest"
+    assert RECORD_FIELDS[RECORD_FIELDS.index("result") + 1] == "payload_digest"
     # DatabaseBackend._claim_params builds the claim's parameters in this order.
     claim_parameters = sql.CLAIM_PARAMETERS
     assert claim_parameters == ("scope", "key", "key_digest", *CLAIMANT_FIELDS[1:])

@@ -18,10 +18,16 @@ def _columns():
             cursor, "dedup_celery_deduprecord")}  # fmt: skip
 
 
-def test_0006_gives_up_on_a_held_table_lock_instead_of_queueing_every_claim():
-    call_command("migrate", "dedup_celery", "0005", verbosity=0)
+@pytest.mark.parametrize(
+    ("before", "migration", "column"),
+    [("0005", "0006", "last_duplicate_task_id"), ("0006", "0007", "payload_mismatches")],
+)
+def test_an_added_column_gives_up_on_a_held_table_lock_instead_of_queueing_every_claim(
+    before, migration, column
+):
+    call_command("migrate", "dedup_celery", before, verbosity=0)
     try:
-        assert "last_duplicate_task_id" not in _columns()
+        assert column not in _columns()
         # A long transactional task: an open transaction that wrote to the message table.
         held, release = threading.Event(), threading.Event()
 
@@ -42,13 +48,28 @@ def test_0006_gives_up_on_a_held_table_lock_instead_of_queueing_every_claim():
         assert held.wait(10)
         started = time.monotonic()
         with pytest.raises(OperationalError, match="lock timeout"):
-            call_command("migrate", "dedup_celery", "0006", verbosity=0)
+            call_command("migrate", "dedup_celery", migration, verbosity=0)
         waited = time.monotonic() - started
         release.set()
         holder.join(10)
         assert 4 <= waited < 20  # the five seconds of LOCK_TIMEOUT, not until the task ends
-        assert "last_duplicate_task_id" not in _columns()  # rolled back whole
-        call_command("migrate", "dedup_celery", "0006", verbosity=0)  # run again: it lands
-        assert "last_duplicate_task_id" in _columns()
+        assert column not in _columns()  # rolled back whole
+        call_command("migrate", "dedup_celery", migration, verbosity=0)  # run again: it lands
+        assert column in _columns()
     finally:
         call_command("migrate", "dedup_celery", verbosity=0)
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "mysql"])
+@pytest.mark.parametrize("alias", ["default", "mysql"])
+def test_payload_mismatches_has_a_database_default_for_the_previous_releases_inserts(alias):
+    # Workers of the previous release insert rows without the column.
+    schema = "DATABASE()" if connections[alias].vendor == "mysql" else "current_schema()"
+    with connections[alias].cursor() as cursor:
+        cursor.execute(
+            "SELECT column_default FROM information_schema.columns WHERE table_name = "
+            "'dedup_celery_deduprecord' AND column_name = 'payload_mismatches' "
+            f"AND table_schema = {schema}"
+        )
+        ((default,),) = cursor.fetchall()
+    assert str(default).strip("'()") == "0"

@@ -7,7 +7,14 @@ import decimal
 import hashlib
 import uuid
 
+import pytest
+
+from dedup_celery import DedupTask
+from dedup_celery.keys import digest
+from dedup_celery.models import DedupRecord
 from dedup_celery.payload import canonical, fingerprint
+from tests.celery_app import app
+from tests.helpers import run_as_worker
 
 
 def test_equal_arguments_give_one_digest_whatever_their_order_or_sequence_type():
@@ -47,3 +54,24 @@ def test_arguments_json_cannot_hold_have_no_fingerprint():
 
 def test_a_lone_surrogate_is_kept_not_dropped():
     assert fingerprint(("\ud800",), {}) != fingerprint(("",), {})
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_delivery_stores_the_fingerprint_of_its_decoded_arguments():
+    task_id = str(uuid.uuid4())
+    run_as_worker(fingerprinted, task_id, [7, "x"], {"note": {"b": 1, "a": 2}})
+    stored = DedupRecord.objects.get(key_digest=digest(task_id))
+    assert stored.payload_digest == fingerprint((7, "x"), {"note": {"a": 2, "b": 1}})
+    other = str(uuid.uuid4())
+    run_as_worker(pickled, other, [7], {})
+    assert DedupRecord.objects.get(key_digest=digest(other)).payload_digest is None
+
+
+@app.task(base=DedupTask, name="unit.payload.fingerprinted")
+def fingerprinted(n, s, note=None):
+    return n
+
+
+@app.task(base=DedupTask, name="unit.payload.pickled", serializer="pickle")
+def pickled(n):
+    return n

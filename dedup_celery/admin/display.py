@@ -65,8 +65,10 @@ def message(task_name: str, key: str) -> SafeString:
     )
 
 
-def counters(skipped: int, rescheduled: int, takeovers: int) -> SafeString | str:
-    """The duplicate counters that are not zero, one per line."""
+def counters(
+    skipped: int, rescheduled: int, takeovers: int, payload_mismatches: int = 0
+) -> SafeString | str:
+    """The duplicate counters that are not zero, one per line (a payload mismatch in red)."""
     lines = [
         ngettext("%(count)d skipped", "%(count)d skipped", skipped) % {"count": skipped}
         if skipped
@@ -79,7 +81,12 @@ def counters(skipped: int, rescheduled: int, takeovers: int) -> SafeString | str
         if takeovers
         else "",
     ]
-    shown = [line for line in lines if line]
+    shown = [format_html("{}", line) for line in lines if line]
+    if payload_mismatches:
+        text = ngettext(
+            "%(count)d payload mismatch", "%(count)d payload mismatches", payload_mismatches
+        ) % {"count": payload_mismatches}
+        shown.append(format_html('<span class="dedup-mismatch">{}</span>', text))
     if not shown:
         return EMPTY
     return format_html_join(mark_safe("<br>"), "{}", ((line,) for line in shown))

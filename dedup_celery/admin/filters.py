@@ -61,16 +61,17 @@ class LeaseFilter(admin.SimpleListFilter):
 
 
 class DuplicatesFilter(admin.SimpleListFilter):
-    """Records that met duplicates, or whose deliveries died (takeovers)."""
+    """Records that met duplicates, some with other arguments, or whose deliveries died."""
 
     title = _("duplicates")
     parameter_name = "duplicates"
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
-        """Met duplicates, met none, taken over."""
+        """Met duplicates, met none, met some with other arguments, taken over."""
         return [
             ("some", _("met duplicates")),
             ("none", _("met none")),
+            ("mismatch", _("with other arguments (payload mismatch)")),
             ("takeovers", _("taken over after a delivery died")),
         ]
 
@@ -81,6 +82,8 @@ class DuplicatesFilter(admin.SimpleListFilter):
             return queryset.filter(met)
         if self.value() == "none":
             return queryset.exclude(met)
+        if self.value() == "mismatch":
+            return queryset.filter(payload_mismatches__gt=0)
         if self.value() == "takeovers":
             return queryset.filter(takeovers__gt=0)
         return queryset

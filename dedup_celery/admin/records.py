@@ -79,6 +79,7 @@ FIELDSETS: Any = (
                 "skipped",
                 "rescheduled",
                 "takeovers",
+                "payload_mismatches",
                 "last_duplicate_at",
                 "last_duplicate_task_id",
                 "last_duplicate_result",
@@ -195,8 +196,8 @@ class DedupRecordAdmin(_ModelAdmin):
 
     @admin.display(description=_("duplicates"), ordering="-skipped")
     def duplicates(self, obj: DedupRecord) -> SafeString | str:
-        """Duplicates skipped and rescheduled, and takeovers, where not zero."""
-        return display.counters(obj.skipped, obj.rescheduled, obj.takeovers)
+        """Duplicates skipped and rescheduled, takeovers and payload mismatches, where not zero."""
+        return display.counters(obj.skipped, obj.rescheduled, obj.takeovers, obj.payload_mismatches)
 
     @admin.display(description=_("lease"), ordering="expires_at")
     def lease(self, obj: DedupRecord) -> SafeString | str:

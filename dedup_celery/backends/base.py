@@ -65,6 +65,8 @@ class Claim:
     lease_seconds: float
     record_ttl: float
     max_takeovers: int = 5
+    #: :func:`dedup_celery.payload.fingerprint` of the message's arguments, or None.
+    payload_digest: str | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,9 @@ class Record:
     #: record links to both runs. None before the first duplicate, and on records of
     #: releases before the column existed.
     last_duplicate_task_id: str | None = None
+    #: Duplicates whose payload fingerprint differed from :attr:`payload_digest`
+    #: (``PAYLOAD_MISMATCH``); 0 on records of releases before the column existed.
+    payload_mismatches: int = 0
     #: Judged by the store's clock when the record was read; not a column.
     lease_expired: bool | None = None
 
@@ -167,7 +172,7 @@ FIELD_KINDS: dict[str, str] = {
     if name != "lease_expired"
 }
 #: The duplicate counters, which start at zero.
-COUNTERS: tuple[str, ...] = ("skipped", "rescheduled", "takeovers")
+COUNTERS: tuple[str, ...] = ("skipped", "rescheduled", "takeovers", "payload_mismatches")
 #: Fields a new claim of an existing record keeps; a claim or takeover sets every other one.
 KEPT_BY_CLAIMS: tuple[str, ...] = (
     "scope",
@@ -185,6 +190,7 @@ REPLACED_BY_CLAIMS: tuple[str, ...] = tuple(f for f in RECORD_FIELDS if f not in
 CLAIMANT_FIELDS: tuple[str, ...] = (
     "key", "status", "owner", "task_id", "task_name", "attempt",
     "hostname", "pid", "process_start", "boot_id", "pid_namespace",
+    "payload_digest",
 )  # fmt: skip
 
 
@@ -203,6 +209,7 @@ def claimant_tuple(claim: Claim, status: str) -> tuple[Any, ...]:
         ident.process_start,
         ident.boot_id,
         ident.pid_namespace,
+        claim.payload_digest,
     )
 
 
@@ -223,7 +230,8 @@ def first_claim_record(claim: Claim, status: str, now: datetime.datetime | None)
     it expires after the lease (RECORD_TTL for a transactional CONSUMED record),
     to be kept for :func:`~dedup_celery.states.retention` of that. Built
     positionally (this runs for every delivery): Record's fields are scope,
-    key, key_digest, then the rest of :data:`CLAIMANT_FIELDS` in order.
+    key, key_digest, then the rest of :data:`CLAIMANT_FIELDS` in order up to
+    ``payload_digest``, which the record keeps after ``result``.
     """
     consumed = status == Status.CONSUMED
     seconds = claim.record_ttl if consumed else claim.lease_seconds
@@ -231,7 +239,7 @@ def first_claim_record(claim: Claim, status: str, now: datetime.datetime | None)
     if now is not None:
         expires_at = now + datetime.timedelta(seconds=seconds)
         purge_after = now + datetime.timedelta(seconds=retention(seconds, claim.record_ttl))
-    key, *claimant = claimant_tuple(claim, status)
+    key, *claimant, payload_digest = claimant_tuple(claim, status)
     # mypy cannot count a starred tuple; tests/test_layout.py pins the positions.
     return Record(  # type: ignore[call-arg]
         claim.scope,
@@ -248,9 +256,10 @@ def first_claim_record(claim: Claim, status: str, now: datetime.datetime | None)
         0,  # takeovers
         None,  # last_duplicate_at
         None,  # result
-        None,  # payload_digest
+        payload_digest,
         purge_after,
         None,  # last_duplicate_task_id
+        0,  # payload_mismatches
         False,  # lease_expired
     )
 
@@ -482,6 +491,17 @@ class BaseBackend:
     def get(self, scope: str, key_digest: str) -> Record | None:
         """Return the record for (scope, key digest), or None. Read only."""
         raise self._missing("get")
+
+    def count_payload_mismatch(self, scope: str, key_digest: str) -> bool:
+        """Add one to the record's ``payload_mismatches``; return whether a record was there.
+
+        Called only for a duplicate whose payload differs from the record's, so
+        the claim itself stays one step. Must be atomic (an increment in the
+        store, never a read then a write) and must not create a record. The
+        default keeps no count and returns False: the mismatch still has its
+        log line and its signal.
+        """
+        return False
 
     def list_records(self, wanted: RecordFilter) -> RecordListing:
         """Return the records *wanted* names, newest first; read only.

@@ -11,6 +11,7 @@ from dedup_celery.backends.base import BaseBackend, Claim, ClaimOutcome, Record,
 from dedup_celery.identity import current_identity
 from dedup_celery.keys import digest, storable
 from dedup_celery.options import TaskOptions
+from dedup_celery.payload import message_fingerprint
 
 #: Every delivery logs here, whatever module the step lives in.
 logger = logging.getLogger("dedup_celery.task")
@@ -51,6 +52,11 @@ class Delivery:
             lease_seconds=options.processing_timeout,
             record_ttl=options.record_ttl,
             max_takeovers=options.max_takeovers,
+            payload_digest=(
+                None
+                if options.payload_mismatch == "ignore"
+                else message_fingerprint(task, options.payload_function, args, kwargs)
+            ),
         )
 
     @property

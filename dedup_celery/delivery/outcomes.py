@@ -7,7 +7,8 @@
 * in flight, or the store failing: a reschedule through Celery's retry
   machinery that keeps the retry budget.
 
-Each leaves a log line, and a duplicate a signal, so none is silent.
+Each leaves a log line, and a duplicate a signal, so none is silent. A
+duplicate whose arguments differ is reported first (:mod:`.mismatch`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from celery.utils.time import maybe_iso8601, maybe_make_aware
 
 from dedup_celery import signals
 from dedup_celery.backends.base import ClaimOutcome, Verdict
+from dedup_celery.delivery import mismatch
 from dedup_celery.delivery.base import Delivery, logger
 from dedup_celery.delivery.results import original_result
 from dedup_celery.delivery.visibility import announce
@@ -39,6 +41,7 @@ from dedup_celery.options import fallback_countdown
 def duplicate(delivery: Delivery, outcome: ClaimOutcome) -> Any:
     """Handle a claim this delivery did not win; return the duplicate's result or raise."""
     claim, record = delivery.claim, outcome.record
+    mismatched = mismatch.check(delivery, outcome)
     if outcome.verdict is Verdict.CONSUMED:
         assert record is not None
         logger.info(
@@ -55,6 +58,8 @@ def duplicate(delivery: Delivery, outcome: ClaimOutcome) -> Any:
             # A redelivery of the consuming message: leave its stored state alone.
             raise Ignore()
         announce(delivery, record, outcome.verdict)
+        if mismatch.refused(delivery, mismatched):
+            mismatch.refuse(delivery, record)
         return original_result(delivery, record)
     if outcome.verdict is Verdict.STALE:
         assert record is not None
@@ -90,12 +95,20 @@ def duplicate(delivery: Delivery, outcome: ClaimOutcome) -> Any:
             f"{claim.key_digest}) is POISONED after {record.takeovers} takeovers; its body "
             "does not run until an operator releases the record."
         )
-    in_flight(delivery, outcome)
+    in_flight(delivery, outcome, mismatched)
 
 
-def in_flight(delivery: Delivery, outcome: ClaimOutcome) -> NoReturn:
-    """Reschedule a copy of a message that another delivery is still running."""
+def in_flight(delivery: Delivery, outcome: ClaimOutcome, mismatched: bool = False) -> NoReturn:
+    """Reschedule a copy of a message that another delivery is still running.
+
+    A copy whose payload differs is refused instead under ``"raise"``, and
+    otherwise carries :data:`.mismatch.REPORTED_HEADER`, so its next visits do
+    not report it again.
+    """
     claim, record = delivery.claim, outcome.record
+    if record is not None and mismatch.refused(delivery, mismatched):
+        delivery.send(signals.duplicate_skipped, record, reason="payload_mismatch")
+        mismatch.refuse(delivery, record)
     if delivery.request.is_eager:
         raise DuplicateInFlightError(
             f"{delivery.label}: a copy of this message (scope {claim.scope}, key digest "
@@ -113,7 +126,7 @@ def in_flight(delivery: Delivery, outcome: ClaimOutcome) -> NoReturn:
     )
     delivery.send(signals.duplicate_rescheduled, record, countdown=countdown)
     announce(delivery, record, outcome.verdict)
-    reschedule(delivery, countdown)
+    reschedule(delivery, countdown, headers={mismatch.REPORTED_HEADER: 1} if mismatched else None)
 
 
 #: The header that counts a message's reschedules for a failing store, copy after copy.

@@ -10,25 +10,12 @@ transactional task's), and every claim queues behind that wait. A lock timeout
 bounds it: the migration fails after five seconds instead, and is run again.
 """
 
-from typing import Any
-
 from django.db import migrations, models
+
+from dedup_celery.migrations._operations import LockTimeoutOnPostgreSQL
 
 #: How long the migration may wait for the table lock on PostgreSQL.
 LOCK_TIMEOUT = "5s"
-
-
-class LockTimeoutOnPostgreSQL(migrations.RunSQL):
-    """``SET LOCAL lock_timeout`` for the rest of the migration's transaction, on PostgreSQL."""
-
-    def __init__(self, timeout: str) -> None:
-        super().__init__(f"SET LOCAL lock_timeout = '{timeout}'", migrations.RunSQL.noop)
-
-    def database_forwards(
-        self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any
-    ) -> None:
-        if schema_editor.connection.vendor == "postgresql":
-            super().database_forwards(app_label, schema_editor, from_state, to_state)
 
 
 class Migration(migrations.Migration):

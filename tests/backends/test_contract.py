@@ -269,7 +269,7 @@ def test_a_late_complete_after_the_lease_with_no_takeover_succeeds(backend):
 
 
 def test_a_late_complete_recreates_a_purged_record(backend):
-    claim = make_claim(lease=0.2, ttl=0.1)
+    claim = make_claim(lease=0.2, ttl=0.1, payload_digest="d" * 64)
     backend.claim(claim)
     time.sleep(0.5)
     # Purged (on Redis the key's own TTL, lease + RECORD_TTL, may be first).
@@ -277,10 +277,11 @@ def test_a_late_complete_recreates_a_purged_record(backend):
     assert get(backend, "k-1") is None
     assert backend.complete(claim, {"value": 3}) is True
     stored = get(backend, "k-1")
-    assert (stored.status, stored.owner, stored.result) == (
+    assert (stored.status, stored.owner, stored.result, stored.payload_digest) == (
         Status.CONSUMED,
         claim.owner,
         {"value": 3},
+        "d" * 64,
     )
     assert backend.claim(make_claim()).verdict is Verdict.CONSUMED
 
@@ -639,3 +640,35 @@ def test_a_listing_filters_by_status_scope_task_and_age_newest_first(backend):
     assert not first.complete
     processing = backend.list_records(RecordFilter(status=Status.PROCESSING, scope=SCOPE))
     assert processing.records[0].lease_expired is False
+
+
+def test_a_claim_stores_its_payload_digest_and_a_duplicate_leaves_it(backend):
+    first = make_claim("k-payload", payload_digest="a" * 64, lease=60)
+    outcome = backend.claim(first)
+    assert outcome.record.payload_digest == "a" * 64  # the first claim's record, as built
+    assert get(backend, "k-payload").payload_digest == "a" * 64  # and as stored
+    copy = make_claim("k-payload", payload_digest="b" * 64)
+    assert backend.claim(copy).record.payload_digest == "a" * 64
+    assert backend.fail(first) is True
+    retry = make_claim("k-payload", task_id=first.task_id, attempt=1, payload_digest="c" * 64)
+    assert backend.claim(retry).verdict is Verdict.CLAIMED
+    assert get(backend, "k-payload").payload_digest == "c" * 64  # the retry's own arguments
+    backend.complete(retry, None)
+    assert get(backend, "k-payload").payload_digest == "c" * 64
+    assert backend.claim(make_claim("k-none")).record.payload_digest is None
+    assert get(backend, "k-none").payload_digest is None
+
+
+def test_a_payload_mismatch_is_counted_on_the_record_and_never_creates_one(backend):
+    claim = make_claim("k-mismatch", payload_digest="a" * 64, lease=60)
+    backend.claim(claim)
+    assert backend.count_payload_mismatch(SCOPE, claim.key_digest) is True
+    assert backend.count_payload_mismatch(SCOPE, claim.key_digest) is True
+    stored = get(backend, "k-mismatch")
+    assert (stored.payload_mismatches, stored.skipped, stored.status) == (2, 0, Status.PROCESSING)
+    backend.complete(claim, None)
+    assert get(backend, "k-mismatch").payload_mismatches == 2  # kept by the complete
+    missing = make_claim("k-never-claimed")
+    assert backend.count_payload_mismatch(SCOPE, missing.key_digest) is False
+    assert get(backend, "k-never-claimed") is None
+    assert backend.claim(missing).record.payload_mismatches == 0

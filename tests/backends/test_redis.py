@@ -67,7 +67,9 @@ def test_the_hash_layout_of_a_claim_and_a_complete_is_pinned(backend):
     # Old and new workers read each other's records during a rolling deploy: the
     # fields a claim and a complete write (names and values) must never drift.
     identity = OwnerIdentity("host-é", 4242, None, "boot-1", "pid:[1]")
-    claim = make_claim("clé ☃ 𝄞", task_name="tâche.x", attempt=2, identity=identity)
+    claim = make_claim(
+        "clé ☃ 𝄞", task_name="tâche.x", attempt=2, identity=identity, payload_digest="ab" * 32
+    )
     backend.claim(claim)
     claimed = _hash(backend, claim)
     assert {k: v for k, v in claimed.items() if k not in TIME_FIELDS} == {
@@ -75,7 +77,7 @@ def test_the_hash_layout_of_a_claim_and_a_complete_is_pinned(backend):
         "status": "processing", "owner": claim.owner, "task_id": claim.task_id,
         "task_name": "tâche.x", "attempt": "2", "hostname": "host-é", "pid": "4242",
         "process_start": "", "boot_id": "boot-1", "pid_namespace": "pid:[1]",
-        "skipped": "0", "rescheduled": "0", "takeovers": "0",
+        "payload_digest": "ab" * 32, "skipped": "0", "rescheduled": "0", "takeovers": "0",
     }  # fmt: skip
     assert set(claimed) & TIME_FIELDS == {"created_at", "updated_at", "expires_at", "purge_after"}
     backend.complete(claim, {"n": 1})

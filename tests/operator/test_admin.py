@@ -299,6 +299,19 @@ def test_the_lease_and_duplicate_filters_and_the_date_hierarchy(admin_client):
     assert 'class="toplinks"' in admin_client.get(URL).content.decode()  # the date hierarchy
 
 
+def test_payload_mismatches_show_in_red_in_the_list_and_have_a_filter(admin_client):
+    other = consumed("other-arguments")
+    plain = consumed("same-arguments")
+    get_backend().count_payload_mismatch(other.scope, other.key_digest)
+    listed = admin_client.get(URL).content.decode()
+    assert '<span class="dedup-mismatch">1 payload mismatch</span>' in listed
+    shown = admin_client.get(URL, {"duplicates": "mismatch"}).content.decode()
+    assert (other.key in shown, plain.key in shown) == (True, False)
+    pk = DedupRecord.objects.get(key="other-arguments").pk
+    detail = admin_client.get(f"{URL}{pk}/change/").content.decode()
+    assert "Payload mismatches" in detail
+
+
 OVERVIEW = f"{URL}overview/"
 
 

@@ -41,6 +41,17 @@ def read_queue(connection, queue):
         simple.close()
 
 
+def assert_queue_empty(queue, timeout=1.0):
+    """Fail if a message is (or arrives within *timeout*) in *queue* of the test broker."""
+    with app.connection_for_read() as connection:
+        simple = connection.SimpleQueue(queue)
+        try:
+            with pytest.raises(simple.Empty):
+                simple.get(timeout=timeout)
+        finally:
+            simple.close()
+
+
 @pytest.fixture(autouse=True)
 def _clear_runs():
     RUNS.clear()
@@ -279,10 +290,4 @@ def test_a_copy_past_its_messages_expires_is_skipped_without_a_state_write(celer
     assert "arrived after its message's expires" in caplog.text
     # Not claimed, not counted as a reschedule: the store was never asked.
     assert DedupRecord.objects.get(key_digest=digest(task_id)).rescheduled == 0
-    with app.connection_for_read() as connection:
-        simple = connection.SimpleQueue("q-unit-reschedule")
-        try:
-            with pytest.raises(simple.Empty):
-                simple.get(timeout=1)
-        finally:
-            simple.close()
+    assert_queue_empty("q-unit-reschedule")

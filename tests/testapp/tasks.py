@@ -174,6 +174,31 @@ def order_result(self, order_no, note=""):
     return {"order_no": order_no, "note": note, "task_id": self.request.id}
 
 
+def _priced_key(order_no, qty, **kw):
+    return f"priced:{order_no}"
+
+
+@shared_task(bind=True, base=DedupTask, dedup_key=_priced_key)
+def priced_order(self, order_no, qty):
+    """A business-key task whose duplicates may come with other arguments (warned)."""
+    _effect(self.request, f"priced:{order_no}", qty)
+    return {"order_no": order_no, "qty": qty}
+
+
+@shared_task(bind=True, base=DedupTask, dedup_key=_priced_key, dedup_payload_mismatch="raise")
+def strict_order(self, order_no, qty):
+    """The same, but a duplicate with other arguments fails."""
+    _effect(self.request, f"strict:{order_no}", qty)
+    return {"order_no": order_no, "qty": qty}
+
+
+@shared_task(bind=True, base=DedupTask, dedup_key=_priced_key, dedup_payload_mismatch="ignore")
+def unchecked_order(self, order_no, qty):
+    """The control: mismatches are not looked for, as before the fingerprint existed."""
+    _effect(self.request, f"unchecked:{order_no}", qty)
+    return {"order_no": order_no, "qty": qty}
+
+
 @shared_task(bind=True, base=DedupTask)
 def id_result(self, value):
     """A task-id-keyed task for result-backend checks."""

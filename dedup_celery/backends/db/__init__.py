@@ -225,11 +225,12 @@ class DatabaseBackend(TransactionalBackend):
     ) -> list[Any]:
         """The parameters both claim statements share (:func:`.sql.claim_sql`).
 
-        :data:`.sql.CLAIM_PARAMETERS` in order, built positionally: scope, the
-        display key, the key digest, then the rest of the claimant's fields.
+        In the columns' order, built positionally: scope, the display key, the
+        key digest, the claimant's fields up to its identity, the lease
+        (``expires_at``), the payload digest, the retention (``purge_after``).
         """
         vendor = connection.vendor
-        key, status_value, owner, *identity = claimant_tuple(claim, status.value)
+        key, status_value, owner, *identity, payload_digest = claimant_tuple(claim, status.value)
         params = [
             claim.scope,
             key,
@@ -240,6 +241,7 @@ class DatabaseBackend(TransactionalBackend):
         ]
         seconds = claim.record_ttl if transactional else claim.lease_seconds
         params += now_plus_sql(vendor, seconds)[1]
+        params.append(payload_digest)
         params += now_plus_sql(vendor, retention(seconds, claim.record_ttl))[1]
         if vendor == "postgresql" and transactional:
             params.append(sql.advisory_lock_key(claim.scope, claim.key_digest))
@@ -455,6 +457,12 @@ class DatabaseBackend(TransactionalBackend):
     def get(self, scope: str, key_digest: str) -> Record | None:
         """Return the record with a ``lease_expired`` flag computed by the database."""
         return self._records().fetch(scope, key_digest, with_lease=True)
+
+    @storage_errors
+    def count_payload_mismatch(self, scope: str, key_digest: str) -> bool:
+        """One ``UPDATE … SET payload_mismatches = payload_mismatches + 1`` on the record."""
+        rows = self._records().for_key(scope, key_digest)
+        return bool(rows.update(payload_mismatches=F("payload_mismatches") + 1))
 
     @storage_errors
     def list_records(self, wanted: RecordFilter) -> RecordListing:

@@ -51,9 +51,10 @@ def claim_sql(
 ) -> str:
     """Return the one-statement claim: insert, or decide on the existing row, and return it.
 
-    Parameters: :data:`CLAIM_PARAMETERS`, then the lease (or RECORD_TTL in
-    transactional mode) in seconds, then the retention
-    (:func:`~dedup_celery.states.retention`),
+    Parameters, in the columns' order: :data:`CLAIM_PARAMETERS` but the last
+    (``payload_digest``), then the lease (or RECORD_TTL in transactional mode)
+    in seconds (``expires_at``), then ``payload_digest``, then the retention
+    (``purge_after``, :func:`~dedup_celery.states.retention`),
     then (PostgreSQL, transactional) the advisory lock key; then (PostgreSQL,
     status mode) :data:`GONE_OWNER_SLOTS` times the owner token of a holder
     known to be gone, or None: its lease counts as expired, so the claim

@@ -343,6 +343,11 @@ class RedisBackend(BaseBackend):
         return self._record(self._run("get", scope, key_digest, []))
 
     @_storage_errors
+    def count_payload_mismatch(self, scope: str, key_digest: str) -> bool:
+        """``HINCRBY payload_mismatches`` in a script that never creates a record."""
+        return bool(self._run("count_mismatch", scope, key_digest, []))
+
+    @_storage_errors
     def list_records(
         self, wanted: RecordFilter, *, scan_limit: int = SCAN_LIMIT, batch: int = 500
     ) -> RecordListing:

@@ -25,6 +25,7 @@ SCRIPT_NAMES: tuple[str, ...] = (
     "expire_process",
     "get",
     "purge",
+    "count_mismatch",
 )
 
 
