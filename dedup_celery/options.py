@@ -25,6 +25,9 @@ from dedup_celery.conf import (
 from dedup_celery.exceptions import DedupConfigurationError
 from dedup_celery.keys import scope_for
 
+#: The values of the ``dedup_on_enqueue`` task option (:mod:`dedup_celery.enqueue`).
+ON_ENQUEUE_CHOICES: tuple[bool | str, ...] = (False, "consumed")
+
 
 class _UseSetting:
     """The default of ``dedup_heartbeat_interval``: follow ``HEARTBEAT_INTERVAL``."""
@@ -56,6 +59,8 @@ class TaskOptions(Limits):
     payload_function: Callable[..., Any] | None = None
     #: ``dedup_payload_mismatch``, else ``PAYLOAD_MISMATCH``: "warn", "raise" or "ignore".
     payload_mismatch: str = "warn"
+    #: ``dedup_on_enqueue``: False, or "consumed" (:mod:`dedup_celery.enqueue`).
+    on_enqueue: bool | str = False
 
 
 def key_function(task: Any, option: str = "dedup_key") -> Any:
@@ -80,6 +85,9 @@ def option_errors(task: Any) -> list[str]:
         func = key_function(task, option)
         if func is not None and not callable(func):
             problems.append(f"{option} is {func!r}; it must be None or a callable")
+    on_enqueue = getattr(task, "dedup_on_enqueue", False)
+    if on_enqueue not in ON_ENQUEUE_CHOICES or on_enqueue is True:
+        problems.append(f'dedup_on_enqueue is {on_enqueue!r}; it must be False or "consumed"')
     mismatch = getattr(task, "dedup_payload_mismatch", None)
     if mismatch is not None and mismatch not in PAYLOAD_MISMATCH_CHOICES:
         choices = ", ".join(map(repr, PAYLOAD_MISMATCH_CHOICES))
@@ -157,6 +165,7 @@ def _resolve(task: Any, conf: Any) -> TaskOptions:
         key_function=key_function(task),
         payload_function=key_function(task, "dedup_payload"),
         payload_mismatch=getattr(task, "dedup_payload_mismatch", None) or conf.payload_mismatch,
+        on_enqueue=getattr(task, "dedup_on_enqueue", False),
         bypass=task.dedup_bypass is True
         or conf.bypass is True
         or (isinstance(conf.bypass, frozenset) and task.name in conf.bypass),

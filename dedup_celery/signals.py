@@ -44,3 +44,8 @@ message_poisoned = Signal()
 #: fingerprint) and ``verdict`` (``"consumed"``, ``"in_flight"``, ``"stale"`` or
 #: ``"poisoned"``). Never the arguments.
 payload_mismatch = Signal()
+#: A send was not published (``dedup_on_enqueue``): its message is already
+#: consumed, and the call returned an ``AsyncResult`` for the original. Sent in
+#: the producer; ``task_id`` is the id the caller passed, or None. Adds
+#: ``reason`` (``"consumed"``); ``record`` is the record that answered it.
+publish_skipped = Signal()

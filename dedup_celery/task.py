@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from celery.contrib.django.task import DjangoTask
 
 from dedup_celery.delivery import deliver
+from dedup_celery.enqueue import consumed_original
 from dedup_celery.options import USE_SETTING
 
 if TYPE_CHECKING:
@@ -40,6 +41,9 @@ class DedupTask(_Base):
       part that counts (None: no fingerprint for that call).
     * ``dedup_payload_mismatch``: ``"warn"``, ``"raise"`` or ``"ignore"``, what
       a duplicate whose payload differs does; None follows ``PAYLOAD_MISMATCH``.
+    * ``dedup_on_enqueue``: False, or ``"consumed"``: a plain send whose
+      message is already consumed is not published, and returns an
+      ``AsyncResult`` for the original (:mod:`dedup_celery.enqueue`).
 
     While the body runs, ``self.request.dedup_owner`` holds this delivery's
     owner token (None when the call runs without dedup), so the body can make its
@@ -62,10 +66,31 @@ class DedupTask(_Base):
     dedup_heartbeat_interval: ClassVar[Any] = USE_SETTING  # a number, None, or USE_SETTING
     dedup_payload: ClassVar[Callable[..., Any] | None] = None
     dedup_payload_mismatch: ClassVar[str | None] = None
+    dedup_on_enqueue: ClassVar[bool | str] = False
 
     #: The worker-side request: when a child dies mid-task, the worker's main
     #: process ends that child's lease so the redelivery runs at once.
     Request = "dedup_celery.worker:DedupRequest"
+
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        *more: Any,
+        **options: Any,
+    ) -> Any:
+        """Publish the message, unless ``dedup_on_enqueue`` finds it already consumed.
+
+        Then nothing is published and the original's ``AsyncResult`` is
+        returned (:func:`dedup_celery.enqueue.consumed_original`); otherwise,
+        and with the option off, this is Celery's ``apply_async``.
+        """
+        if self.dedup_on_enqueue and not more:
+            original = consumed_original(self, args, kwargs, task_id, options)
+            if original is not None:
+                return original
+        return super().apply_async(args, kwargs, task_id, *more, **options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the body at most once per message key (see the class docstring)."""

@@ -492,6 +492,15 @@ class BaseBackend:
         """Return the record for (scope, key digest), or None. Read only."""
         raise self._missing("get")
 
+    def peek(self, scope: str, key_digest: str) -> Record | None:
+        """:meth:`get`, for a producer (``dedup_on_enqueue``), wherever the caller is.
+
+        A store shared with the caller's own work must not let a failed read
+        change it (the database backend reads in a savepoint when the caller is
+        inside a transaction). The default is :meth:`get`.
+        """
+        return self.get(scope, key_digest)
+
     def count_payload_mismatch(self, scope: str, key_digest: str) -> bool:
         """Add one to the record's ``payload_mismatches``; return whether a record was there.
 

@@ -27,6 +27,7 @@ from dedup_celery.delivery import mismatch
 from dedup_celery.delivery.base import Delivery, logger
 from dedup_celery.delivery.results import original_result
 from dedup_celery.delivery.visibility import announce
+from dedup_celery.enqueue import republishing
 from dedup_celery.exceptions import (
     DedupConfigurationError,
     DuplicateInFlightError,
@@ -313,7 +314,8 @@ def republish(
         headers=carried,
     )
     try:
-        send_copy(signature)
+        with republishing():  # a copy of a received message: dedup_on_enqueue never skips it
+            send_copy(signature)
     except Exception as exc:
         logger.error(
             "%s: could not publish the rescheduled copy (%s); the message is requeued instead.",

@@ -199,6 +199,13 @@ def unchecked_order(self, order_no, qty):
     return {"order_no": order_no, "qty": qty}
 
 
+@shared_task(bind=True, base=DedupTask, dedup_key=_priced_key, dedup_on_enqueue="consumed")
+def enqueued_order(self, order_no, qty):
+    """The same, looked up before publishing: a consumed message is not published again."""
+    _effect(self.request, f"enqueued:{order_no}", qty)
+    return {"order_no": order_no, "qty": qty}
+
+
 @shared_task(bind=True, base=DedupTask)
 def id_result(self, value):
     """A task-id-keyed task for result-backend checks."""

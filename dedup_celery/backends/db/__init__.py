@@ -459,6 +459,19 @@ class DatabaseBackend(TransactionalBackend):
         return self._records().fetch(scope, key_digest, with_lease=True)
 
     @storage_errors
+    def peek(self, scope: str, key_digest: str) -> Record | None:
+        """:meth:`get`, in a savepoint when the caller is inside a transaction on the alias.
+
+        A read that fails (a missing table, a cancelled statement) then rolls
+        back only its savepoint, not the caller's transaction on PostgreSQL.
+        """
+        alias = self.alias
+        if not connections[alias].in_atomic_block:
+            return self._records().fetch(scope, key_digest, with_lease=True)
+        with transaction.atomic(using=alias):
+            return self._records().fetch(scope, key_digest, with_lease=True)
+
+    @storage_errors
     def count_payload_mismatch(self, scope: str, key_digest: str) -> bool:
         """One ``UPDATE … SET payload_mismatches = payload_mismatches + 1`` on the record."""
         rows = self._records().for_key(scope, key_digest)
