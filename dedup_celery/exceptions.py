@@ -14,7 +14,11 @@ class DedupKeyError(DedupError):
 
 
 class DedupPayloadError(DedupKeyError):
-    """A task's ``dedup_payload`` callable raised or returned what JSON cannot hold."""
+    """A task's ``dedup_payload`` callable raised or returned what JSON cannot hold.
+
+    A delivery logs it as a WARNING and goes on without a payload fingerprint,
+    so a broken callable never changes what happens to the message.
+    """
 
 
 class PayloadMismatchError(DedupError):

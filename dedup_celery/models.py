@@ -68,8 +68,10 @@ class DedupRecord(models.Model):
         blank=True,
         help_text=_("The task id of the latest duplicate counted on this record."),
     )
-    # db_default: workers of earlier releases insert rows without this column.
-    payload_mismatches = models.PositiveIntegerField(
+    # db_default: workers of earlier releases insert rows without this column. An
+    # IntegerField, not a PositiveIntegerField: its CHECK constraint would make adding
+    # the column scan (PostgreSQL) or copy (MySQL) the whole table under its lock.
+    payload_mismatches = models.IntegerField(
         _("payload mismatches"),
         default=0,
         db_default=0,

@@ -13,6 +13,7 @@ and without that callable gets none. ``benchmarks/fingerprint.py`` measures it.
 from __future__ import annotations
 
 import hashlib
+import inspect
 from typing import Any
 
 from kombu.utils import json as kombu_json
@@ -46,6 +47,42 @@ def fingerprint(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> st
     return hashlib.sha256(data).hexdigest()
 
 
+# type(task) -> the signature of its body, bound to once per delivery.
+_SIGNATURES: dict[type, inspect.Signature | None] = {}
+
+
+def call_fingerprint(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """The fingerprint of a call of *task*'s body: its arguments bound to their parameters.
+
+    ``charge(42)``, ``charge(order=42)`` and ``charge(42, qty=None)`` (when
+    ``qty`` defaults to None) are one call, so they have one digest: the
+    sha256 of the parameters' values by name, defaults applied. Arguments that
+    do not fit the body's signature (the body will raise) are fingerprinted as
+    they are (:func:`fingerprint`).
+    """
+    kind = type(task)
+    try:
+        signature = _SIGNATURES[kind]
+    except KeyError:
+        try:
+            signature = inspect.signature(task.run)
+        except (TypeError, ValueError):
+            signature = None
+        _SIGNATURES[kind] = signature
+    if signature is None:
+        return fingerprint(args, kwargs)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return fingerprint(args, kwargs)
+    bound.apply_defaults()
+    try:
+        data = canonical(bound.arguments)
+    except (TypeError, ValueError):
+        return None
+    return hashlib.sha256(data).hexdigest()
+
+
 def message_fingerprint(
     task: Any, payload_function: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> str | None:
@@ -55,19 +92,19 @@ def message_fingerprint(
     it returns for the arguments (None: no fingerprint for this call), whatever
     the serializer; it raises :class:`~dedup_celery.exceptions.DedupPayloadError`
     when the callable raises or returns what JSON cannot hold. Without one, the
-    digest of the arguments themselves, only for a task serialized as JSON:
-    another serializer's arguments decode to objects that JSON would render
-    differently from their message.
+    digest of the call (:func:`call_fingerprint`), only for a task serialized
+    as JSON: another serializer's arguments decode to objects that JSON would
+    render differently from their message.
     """
     if payload_function is None:
         serializer = getattr(task, "serializer", None) or task.app.conf.task_serializer
-        return fingerprint(args, kwargs) if serializer == "json" else None
+        return call_fingerprint(task, args, kwargs) if serializer == "json" else None
     try:
         value = payload_function(*args, **kwargs)
     except Exception as exc:
         raise DedupPayloadError(
-            f"dedup_payload of task {task.name!r} raised {type(exc).__name__}: {exc}. "
-            "The task did not run; fix the callable or the arguments."
+            f"dedup_payload of task {task.name!r} raised {type(exc).__name__}: {exc}; "
+            "fix the callable or the arguments."
         ) from exc
     if value is None:
         return None
@@ -77,6 +114,6 @@ def message_fingerprint(
         raise DedupPayloadError(
             f"dedup_payload of task {task.name!r} returned a {type(value).__name__} that "
             f"JSON cannot hold ({exc}); return JSON-able values (str, numbers, lists, dicts) "
-            "or None. The task did not run."
+            "or None."
         ) from exc
     return hashlib.sha256(data).hexdigest()

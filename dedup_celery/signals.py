@@ -15,8 +15,8 @@ message_claimed = Signal()
 #: for a copy of a consumed message, ``"stale"`` for a copy of a delivery whose
 #: body already raised, ``"expired"`` for a copy made by a reschedule that arrived
 #: after its message's ``expires`` (``record`` is None: the store was not asked),
-#: ``"payload_mismatch"`` for a copy of a message in flight whose arguments differ,
-#: refused under ``PAYLOAD_MISMATCH = "raise"``.
+#: ``"payload_mismatch"`` for a copy whose arguments differ, refused (it fails)
+#: under ``PAYLOAD_MISMATCH = "raise"``.
 duplicate_skipped = Signal()
 #: A duplicate of a message still in flight was rescheduled. Adds ``countdown``.
 duplicate_rescheduled = Signal()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 
@@ -73,3 +74,14 @@ def test_payload_mismatches_has_a_database_default_for_the_previous_releases_ins
         )
         ((default,),) = cursor.fetchall()
     assert str(default).strip("'()") == "0"
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "mysql"])
+@pytest.mark.parametrize("alias", ["default", "mysql"])
+def test_0007_adds_a_column_without_a_check_that_would_scan_or_copy_the_table(alias):
+    out = io.StringIO()
+    call_command("sqlmigrate", "dedup_celery", "0007", database=alias, stdout=out)
+    statements = out.getvalue()
+    assert "ADD COLUMN" in statements.upper()
+    assert "CHECK" not in statements.upper()
+

@@ -8,6 +8,7 @@ from typing import Any
 
 from dedup_celery import signals
 from dedup_celery.backends.base import BaseBackend, Claim, ClaimOutcome, Record, Verdict
+from dedup_celery.exceptions import DedupPayloadError
 from dedup_celery.identity import current_identity
 from dedup_celery.keys import digest, storable
 from dedup_celery.options import TaskOptions
@@ -52,12 +53,29 @@ class Delivery:
             lease_seconds=options.processing_timeout,
             record_ttl=options.record_ttl,
             max_takeovers=options.max_takeovers,
-            payload_digest=(
-                None
-                if options.payload_mismatch == "ignore"
-                else message_fingerprint(task, options.payload_function, args, kwargs)
-            ),
+            payload_digest=(None if options.payload_mismatch == "ignore" else self._fingerprint()),
         )
+
+    def _fingerprint(self) -> str | None:
+        """The delivery's payload fingerprint; None, with a WARNING, if dedup_payload fails.
+
+        A failing callable must not change what happens to the message: a
+        redelivery of a consumed one still ends as a duplicate, with nothing
+        written over the original's state.
+        """
+        try:
+            return message_fingerprint(
+                self.task, self.options.payload_function, self.args, self.kwargs
+            )
+        except DedupPayloadError as exc:
+            logger.warning(
+                "%s[%s]: %s This delivery has no payload fingerprint, so no mismatch is "
+                "looked for.",
+                self.task.name,
+                self.request.id,
+                exc,
+            )
+            return None
 
     @property
     def label(self) -> str:

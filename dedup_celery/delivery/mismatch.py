@@ -32,7 +32,8 @@ from dedup_celery.backends.base import ClaimOutcome, Record
 from dedup_celery.delivery.base import Delivery, logger
 from dedup_celery.exceptions import PayloadMismatchError, StorageError
 
-#: The header on a rescheduled copy whose mismatch was already reported.
+#: The header on a rescheduled copy whose mismatch was already reported: the task id
+#: of the record it was reported against.
 REPORTED_HEADER = "dedup_payload_mismatch"
 
 
@@ -48,10 +49,10 @@ def differs(delivery: Delivery, record: Record | None) -> bool:
     return not (record.task_id == claim.task_id and record.attempt != claim.attempt)
 
 
-def reported(delivery: Delivery) -> bool:
-    """Whether this copy's mismatch was reported before it was rescheduled."""
+def reported(delivery: Delivery, record: Record) -> bool:
+    """Whether this copy's mismatch with *record*'s message was reported before a reschedule."""
     headers = getattr(delivery.request, "headers", None) or {}
-    return bool(headers.get(REPORTED_HEADER))
+    return bool(headers.get(REPORTED_HEADER)) and headers.get(REPORTED_HEADER) == record.task_id
 
 
 def check(delivery: Delivery, outcome: ClaimOutcome) -> bool:
@@ -60,7 +61,7 @@ def check(delivery: Delivery, outcome: ClaimOutcome) -> bool:
     if delivery.options.payload_mismatch == "ignore" or not differs(delivery, record):
         return False
     assert record is not None
-    if reported(delivery):
+    if reported(delivery, record):
         return True
     claim = delivery.claim
     counted = False

@@ -45,6 +45,9 @@ def duplicate(delivery: Delivery, outcome: ClaimOutcome) -> Any:
     mismatched = mismatch.check(delivery, outcome)
     if outcome.verdict is Verdict.CONSUMED:
         assert record is not None
+        if record.task_id != claim.task_id and mismatch.refused(delivery, mismatched):
+            delivery.send(signals.duplicate_skipped, record, reason="payload_mismatch")
+            mismatch.refuse(delivery, record)
         logger.info(
             "%s: duplicate skipped; the message (scope %s, key digest %s) was consumed "
             "by task id %s (skipped=%d)",
@@ -59,8 +62,6 @@ def duplicate(delivery: Delivery, outcome: ClaimOutcome) -> Any:
             # A redelivery of the consuming message: leave its stored state alone.
             raise Ignore()
         announce(delivery, record, outcome.verdict)
-        if mismatch.refused(delivery, mismatched):
-            mismatch.refuse(delivery, record)
         return original_result(delivery, record)
     if outcome.verdict is Verdict.STALE:
         assert record is not None
@@ -127,7 +128,8 @@ def in_flight(delivery: Delivery, outcome: ClaimOutcome, mismatched: bool = Fals
     )
     delivery.send(signals.duplicate_rescheduled, record, countdown=countdown)
     announce(delivery, record, outcome.verdict)
-    reschedule(delivery, countdown, headers={mismatch.REPORTED_HEADER: 1} if mismatched else None)
+    reported = {mismatch.REPORTED_HEADER: record.task_id} if mismatched and record else None
+    reschedule(delivery, countdown, headers=reported)
 
 
 #: The header that counts a message's reschedules for a failing store, copy after copy.

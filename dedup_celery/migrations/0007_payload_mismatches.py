@@ -2,8 +2,10 @@
 
 Additive, for rolling deploys: a column with a constant database default (0),
 so workers of the previous release, which insert rows without it, keep
-working, and neither PostgreSQL 11+ nor MySQL 8+/MariaDB 10.3+ rewrites the
-table. The lock wait is bounded on PostgreSQL as in 0006.
+working. It is a plain integer with no CHECK constraint, so PostgreSQL 11+
+adds it without reading the table and MySQL 8+/MariaDB 10.3+ can add it in
+place (a CHECK would be validated by a scan under the table's lock, or force a
+table copy). The lock wait is bounded on PostgreSQL as in 0006.
 """
 
 from django.db import migrations, models
@@ -24,7 +26,7 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name="deduprecord",
             name="payload_mismatches",
-            field=models.PositiveIntegerField(
+            field=models.IntegerField(
                 db_default=0,
                 default=0,
                 help_text="Duplicates whose arguments differed from this message's.",

@@ -77,7 +77,8 @@ def test_the_hash_layout_of_a_claim_and_a_complete_is_pinned(backend):
         "status": "processing", "owner": claim.owner, "task_id": claim.task_id,
         "task_name": "tâche.x", "attempt": "2", "hostname": "host-é", "pid": "4242",
         "process_start": "", "boot_id": "boot-1", "pid_namespace": "pid:[1]",
-        "payload_digest": "ab" * 32, "skipped": "0", "rescheduled": "0", "takeovers": "0",
+        "payload_digest": "ab" * 32, "payload_owner": claim.owner,
+        "skipped": "0", "rescheduled": "0", "takeovers": "0",
     }  # fmt: skip
     assert set(claimed) & TIME_FIELDS == {"created_at", "updated_at", "expires_at", "purge_after"}
     backend.complete(claim, {"n": 1})
@@ -94,6 +95,17 @@ def test_the_hash_layout_of_a_claim_and_a_complete_is_pinned(backend):
     same = set(claimed) - TIME_FIELDS - {"status"}
     assert recreated["status"] == "consumed"
     assert {k: recreated[k] for k in same} == {k: claimed[k] for k in same}
+
+
+def test_a_digest_left_by_another_claim_than_the_owners_does_not_count(backend):
+    # A worker of a release before the fingerprint replaces the claimant's fields it
+    # knows (owner, task id, ...) and leaves payload_digest and payload_owner alone.
+    claim = make_claim("k-digest", payload_digest="ab" * 32)
+    backend.claim(claim)
+    assert backend.get(claim.scope, claim.key_digest).payload_digest == "ab" * 32
+    key = backend.redis_key(claim.scope, claim.key_digest)
+    backend.client.hset(key, mapping={"owner": "f" * 32, "task_id": "old-release"})
+    assert backend.get(claim.scope, claim.key_digest).payload_digest is None
 
 
 def test_leases_and_consumed_records_expire_through_redis_ttls(backend):

@@ -16,10 +16,10 @@ from django.test import override_settings
 
 from dedup_celery import DedupTask, signals
 from dedup_celery.delivery.mismatch import REPORTED_HEADER
-from dedup_celery.exceptions import DedupPayloadError, PayloadMismatchError
+from dedup_celery.exceptions import PayloadMismatchError
 from dedup_celery.keys import digest
 from dedup_celery.models import DedupRecord
-from dedup_celery.payload import canonical, fingerprint
+from dedup_celery.payload import call_fingerprint, canonical
 from tests.celery_app import app
 from tests.helpers import ELSEWHERE, captured, hold, run_as_worker
 from tests.task.test_reschedule import assert_queue_empty, read_queue
@@ -105,8 +105,8 @@ def test_warn_a_business_key_copy_with_other_arguments_is_reported_once_and_answ
     assert sent["sender"] is warned._get_current_object()
     assert (sent["task_id"], sent["original_task_id"]) == (second, first)
     assert sent["verdict"] == "consumed"
-    assert sent["payload_digest"] == fingerprint([order], {"qty": "five-secret"})
-    assert sent["record"].payload_digest == fingerprint([order], {"qty": "two-secret"})
+    assert sent["payload_digest"] == call_fingerprint(warned, (order,), {"qty": "five-secret"})
+    assert sent["record"].payload_digest == call_fingerprint(warned, (order, "two-secret"), {})
     stored = _stored(warned, f"order:{order}")
     assert (stored.payload_mismatches, stored.skipped) == (1, 1)
 
@@ -251,19 +251,41 @@ def test_dedup_payload_picks_what_counts():
     ],
 )
 @pytest.mark.django_db(transaction=True)
-def test_a_dedup_payload_that_fails_fails_the_delivery_before_the_claim(payload, cause):
-    @app.task(
-        base=DedupTask, name=f"unit.mismatch.broken.{uuid.uuid4().hex}", dedup_payload=payload
-    )
+def test_a_dedup_payload_that_fails_only_leaves_the_delivery_without_a_fingerprint(
+    payload, cause, caplog
+):
+    # A broken callable must not change what happens to the message: a redelivery of a
+    # consumed message still ends as a duplicate, and nothing is written over its state.
+    name = f"unit.mismatch.broken.{uuid.uuid4().hex}"
+
+    @app.task(base=DedupTask, name=name, dedup_payload=payload)
     def broken(order):
         RUNS.append(("broken", (order,)))
+        return order
 
-    trace = run_as_worker(broken, _id(), [1], {})
-    assert isinstance(trace.info.retval, DedupPayloadError)
-    assert cause in str(trace.info.retval)
-    assert "The task did not run" in str(trace.info.retval)
-    assert RUNS == []
-    assert not DedupRecord.objects.filter(scope=broken.name).exists()
+    task_id = _id()
+    with caplog.at_level(logging.WARNING, logger="dedup_celery.task"):
+        assert run_as_worker(broken, task_id, [1], {}).retval == 1
+        assert run_as_worker(broken, task_id, [1], {}).info.state == "IGNORED"
+    assert RUNS == [("broken", (1,))]
+    lines = [r.getMessage() for r in caplog.records if "no payload fingerprint" in r.getMessage()]
+    assert len(lines) == 2
+    assert cause in lines[0]
+    assert app.AsyncResult(task_id).state == "SUCCESS"
+    assert _stored(broken, task_id).payload_digest is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_call_written_two_ways_is_one_payload():
+    # charge(42) and charge(order=42, qty=None) are the same call of the body.
+    order = _id()
+    run_as_worker(warned, _id(), [order], {})
+    with captured(signals.payload_mismatch) as seen:
+        run_as_worker(warned, _id(), [], {"order": order})
+        run_as_worker(warned, _id(), [order, None], {"at": None})
+    assert seen == []
+    run_as_worker(warned, _id(), [order], {"qty": 0})
+    assert _stored(warned, f"order:{order}").payload_mismatches == 1
 
 
 @pytest.mark.django_db(transaction=True)
@@ -271,7 +293,7 @@ def test_an_in_flight_copy_is_reported_once_then_rescheduled_with_a_header(celer
     order, holder = _id(), _id()
     key = f"order:{order}"
     hold(warned, key, task_id=holder, identity=ELSEWHERE, lease=60,
-         payload_digest=fingerprint([order], {"qty": 2}))  # fmt: skip
+         payload_digest=call_fingerprint(warned, (order, 2), {}))  # fmt: skip
     copy = _id()
     with (
         captured(signals.payload_mismatch) as seen,
@@ -281,7 +303,7 @@ def test_an_in_flight_copy_is_reported_once_then_rescheduled_with_a_header(celer
         assert trace.info.state == "IGNORED"
         with app.connection_for_read() as connection:
             headers = read_queue(connection, "q-unit-reschedule").headers
-        assert headers[REPORTED_HEADER] == 1
+        assert headers[REPORTED_HEADER] == holder  # reported against this message
         # Its next visit, still in flight, is rescheduled without a second report.
         trace = run_as_worker(warned, copy, [order], {"qty": 5}, headers=headers)
         assert trace.info.state == "IGNORED"
@@ -297,7 +319,7 @@ def test_an_in_flight_copy_is_reported_once_then_rescheduled_with_a_header(celer
 def test_raise_fails_an_in_flight_copy_at_once_instead_of_rescheduling_it(celery_broker):
     order = _id()
     hold(raised, f"order:{order}", task_id=_id(), identity=ELSEWHERE, lease=60,
-         payload_digest=fingerprint([order], {"qty": 2}))  # fmt: skip
+         payload_digest=call_fingerprint(raised, (order, 2), {}))  # fmt: skip
     with captured(signals.duplicate_skipped, signals.duplicate_rescheduled) as seen:
         trace = run_as_worker(raised, _id(), [order], {"qty": 5})
     assert isinstance(trace.info.retval, PayloadMismatchError)
@@ -311,7 +333,7 @@ def test_raise_ignores_an_in_flight_copy_under_the_originals_own_task_id(celery_
     # write its SUCCESS under.
     order, task_id = _id(), _id()
     hold(raised, f"order:{order}", task_id=task_id, identity=ELSEWHERE, lease=60,
-         payload_digest=fingerprint([order], {"qty": 2}))  # fmt: skip
+         payload_digest=call_fingerprint(raised, (order, 2), {}))  # fmt: skip
     with captured(signals.payload_mismatch) as seen:
         trace = run_as_worker(raised, task_id, [order], {"qty": 5})
     assert trace.info.state == "IGNORED"

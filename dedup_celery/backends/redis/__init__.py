@@ -244,6 +244,9 @@ class RedisBackend(BaseBackend):
         fields = {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
         now = int(fields["now"])
         values = {name: _DECODE[FIELD_KINDS[name]](fields.get(name)) for name in RECORD_FIELDS}
+        if fields.get("payload_owner") != fields.get("owner"):
+            # Written by another claim than the owner's (a release that knows no fingerprint).
+            values["payload_digest"] = None
         if values["owner"] is not None:
             values["owner"] = uuid.UUID(values["owner"]).hex
         expires = fields.get("expires_at")

@@ -18,6 +18,10 @@ for i, name in ipairs(CLAIMANT_FIELDS) do
   written[2 * i - 1] = name
   written[2 * i] = values[i]
 end
+-- Whose claim the payload_digest is: a claim by an earlier release, which knows
+-- no fingerprint, replaces the owner but leaves both, so the digest no longer counts.
+written[#written + 1] = 'payload_owner'
+written[#written + 1] = owner
 local function times(takeovers)
   local n = #written
   written[n + 1], written[n + 2] = 'updated_at', now

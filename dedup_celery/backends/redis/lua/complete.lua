@@ -18,6 +18,8 @@ if not current then
     written[#written + 1] = name
     written[#written + 1] = values[i]
   end
+  written[#written + 1] = 'payload_owner'
+  written[#written + 1] = ARGV[1]
   redis.call('DEL', key)
   redis.call('HSET', key, unpack(written))
 end
