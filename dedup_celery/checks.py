@@ -26,6 +26,7 @@ id                        problem
 ``dedup_celery.W009``     the heartbeat interval is not below half the lease
 ``dedup_celery.W010``     Celery's Django fixup closes connections per task (worker start)
 ``dedup_celery.W011``     dedup is bypassed for a task (``BYPASS``, ``dedup_bypass``)
+``dedup_celery.W012``     a ``"queued"`` marker's TTL is below the visibility timeout
 ========================  ==========================================================
 
 The checks of Celery configuration never raise, and apart from tasks that can never
@@ -313,6 +314,21 @@ def _task_messages(app: Any, tasks: Iterable[Any]) -> Iterable[_Finding | checks
                 f"broker's visibility timeout or the task's retry horizon ({max(limits):g} s); "
                 "a copy arriving after the record expired runs the body again.",
                 "Raise RECORD_TTL (or dedup_record_ttl) above both.",
+                task.name,
+            )
+        if (
+            options.on_enqueue == "queued"
+            and visibility_timeout is not None
+            and options.queue_ttl < visibility_timeout
+        ):
+            yield _Finding(
+                checks.Warning,
+                "dedup_celery.W012",
+                f'dedup_queue_ttl ({options.queue_ttl:g} s) of dedup_on_enqueue="queued" is '
+                f"below the broker's visibility timeout ({visibility_timeout:g} s): a message "
+                "redelivered after it can meet a second copy that a later send published.",
+                "Raise dedup_queue_ttl above broker_transport_options['visibility_timeout'] "
+                "(a send's countdown or ETA is added to it by itself).",
                 task.name,
             )
         heartbeat = options.heartbeat_interval

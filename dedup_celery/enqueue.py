@@ -1,11 +1,27 @@
-"""Enqueue-time dedup: a plain send whose message is already consumed is not published.
+"""Enqueue-time dedup: a plain send whose message is consumed, or queued, is not published.
 
-With the task option ``dedup_on_enqueue = "consumed"``,
+With the task option ``dedup_on_enqueue``,
 :meth:`DedupTask.apply_async <dedup_celery.task.DedupTask.apply_async>` (so
-``delay`` and ``delay_on_commit`` too) looks the key up before publishing. If
-the record is CONSUMED, nothing is published and the call returns an
-``AsyncResult`` for the original's task id. It is an optimisation on top of the
-consume side, never a replacement, so whenever it is not sure it publishes:
+``delay`` and ``delay_on_commit`` too) looks the key up before publishing:
+
+* ``"consumed"``: if the record is CONSUMED, nothing is published and the call
+  returns an ``AsyncResult`` for the original's task id;
+* ``"queued"``: the producer also writes a QUEUED marker (with the task's
+  ``dedup_queue_ttl``, plus the send's countdown or ETA) before it publishes,
+  in one atomic step of the store (:meth:`~dedup_celery.backends.base.BaseBackend.queue`),
+  never inside the caller's transaction. A send that meets a QUEUED,
+  PROCESSING or CONSUMED record (or a FAILED one of its own task id, or a
+  POISONED one) is answered with that message's ``AsyncResult`` instead. The
+  worker's claim turns the marker into PROCESSING, only for the task id that
+  queued it. If publishing raises, the marker is removed (compare-and-delete
+  on the producer's owner token). A message lost in the broker, or a producer
+  that died between the marker and the publish, blocks the key until the
+  marker's TTL ends. Where the marker cannot be written outside the caller's
+  transaction (the database backend, inside an atomic block on its alias),
+  the send is looked up as with ``"consumed"``.
+
+It is an optimisation on top of the consume side, never a replacement, so
+whenever it is not sure it publishes:
 
 * a lookup that fails publishes as usual (a WARNING says so), and so does a
   configuration that does not resolve: never lose a message to save one;
@@ -26,21 +42,26 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import datetime
 import logging
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
+from celery.utils.time import maybe_iso8601, maybe_make_aware
 from kombu import serialization
 
 from dedup_celery import signals
 from dedup_celery.backends import get_backend
-from dedup_celery.backends.base import Record
+from dedup_celery.backends.base import BaseBackend, Claim, Record
 from dedup_celery.exceptions import (
     DedupConfigurationError,
     DedupKeyError,
     DedupPayloadError,
     StorageError,
 )
+from dedup_celery.identity import current_identity
 from dedup_celery.keys import digest, message_key, storable
 from dedup_celery.options import TaskOptions, resolve
 from dedup_celery.payload import message_fingerprint
@@ -82,25 +103,63 @@ def plain_send(options: dict[str, Any]) -> bool:
     return not any(options.get(name) for name in CANVAS_OPTIONS)
 
 
-def consumed_original(
+def send(
     task: Any,
-    args: tuple[Any, ...] | list[Any] | None,
-    kwargs: dict[str, Any] | None,
+    publish: Callable[..., Any],
+    args: Any,
+    kwargs: Any,
     task_id: str | None,
     options: dict[str, Any],
 ) -> Any:
-    """Return an ``AsyncResult`` for the original if this send need not be published, else None.
+    """Publish a send of *task* through *publish* (Celery's ``apply_async``), or answer it.
 
     Called by :meth:`DedupTask.apply_async` when the task's ``dedup_on_enqueue``
-    is set; see the module docstring for when it answers.
+    is set; see the module docstring for when it answers. With ``"queued"``, a
+    marker that this send wrote is removed again (compare-and-delete on its
+    owner token) if publishing raises.
     """
+    decided = _decide(task, args, kwargs, task_id, options)
+    if decided is None:
+        return publish(args, kwargs, task_id, **options)
+    if isinstance(decided, _Answer):
+        return decided.result
+    try:
+        return publish(args, kwargs, decided.claim.task_id, **options)
+    except BaseException:
+        _remove_marker(task, decided)
+        raise
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A send answered by the message that holds its key: nothing is published."""
+
+    result: Any
+
+
+@dataclass(frozen=True)
+class _Marker:
+    """A send that wrote the key's QUEUED marker: it publishes under the marker's task id."""
+
+    claim: Claim
+    backend: BaseBackend
+
+
+def _decide(
+    task: Any,
+    args: Any,
+    kwargs: Any,
+    task_id: str | None,
+    options: dict[str, Any],
+) -> _Answer | _Marker | None:
+    """What this send does: None publishes it as usual."""
     if not plain_send(options) or task.app.conf.task_always_eager:
         return None
     try:
         resolved = resolve(task)
     except DedupConfigurationError:
         return None  # the worker reschedules it loudly (outcomes.misconfigured)
-    if resolved.bypass or resolved.on_enqueue != "consumed":
+    if resolved.bypass or not resolved.on_enqueue:
         return None
     args, kwargs = tuple(args or ()), dict(kwargs or {})
     if resolved.key_function is None and task_id is None:
@@ -108,25 +167,65 @@ def consumed_original(
     key = _producer_key(task, resolved, args, kwargs, task_id)
     if key is None:
         return None
-    key_digest = digest(key)
-    try:
-        record = get_backend().peek(resolved.scope, key_digest)
-    except StorageError as exc:
-        logger.warning(
-            "%s: the lookup before publishing failed (%s); the message is published as usual",
-            task.name,
-            exc,
+    backend = get_backend()
+    mine = _producer_fingerprint(task, resolved, args, kwargs, options)
+    if resolved.on_enqueue == "queued":
+        claim = Claim(
+            scope=resolved.scope,
+            key=key,
+            key_digest=digest(key),
+            owner=uuid.uuid4().hex,
+            task_id=storable(task_id or str(uuid.uuid4())),
+            task_name=storable(task.name),
+            attempt=0,
+            identity=current_identity(),
+            lease_seconds=resolved.queue_ttl + _delay(task, options),
+            record_ttl=resolved.record_ttl,
+            max_takeovers=resolved.max_takeovers,
+            payload_digest=None if mine is _UNKNOWN else mine,  # type: ignore[arg-type]
         )
+        try:
+            outcome = backend.queue(claim)
+        except (StorageError, NotImplementedError) as exc:
+            _lookup_failed(task, exc)
+            return None
+        if outcome is not None:
+            if outcome.verdict.claimed:
+                return _Marker(claim, backend)
+            return _answer(task, resolved, claim.key_digest, outcome.record, mine, task_id)
+        # The marker cannot be written here: look up as "consumed" does.
+    try:
+        record = backend.peek(resolved.scope, digest(key))
+    except StorageError as exc:
+        _lookup_failed(task, exc)
         return None
-    if not _answers(task, resolved, record, args, kwargs, options):
+    if record is None or record.status != Status.CONSUMED or record.lease_expired:
+        return None  # an expired CONSUMED record is claimed afresh by the next delivery
+    return _answer(task, resolved, digest(key), record, mine, task_id)
+
+
+def _answer(
+    task: Any,
+    resolved: TaskOptions,
+    key_digest: str,
+    record: Record | None,
+    mine: str | object | None,
+    task_id: str | None,
+) -> _Answer | None:
+    """Answer this send with *record*'s message, unless its payload differs (then publish)."""
+    if record is None:
         return None
-    assert record is not None
+    if mine is _UNKNOWN:
+        return None  # published: the worker will say what is wrong with the arguments
+    if mine is not None and record.payload_digest is not None and mine != record.payload_digest:
+        return None  # published, so that the worker reports the mismatch
     logger.info(
-        "%s: not published; the message (scope %s, key digest %s) was consumed by task id "
-        "%s, whose result this call returns (dedup_on_enqueue)",
+        "%s: not published; the message (scope %s, key digest %s) is %s under task id %s, "
+        "which this call returns (dedup_on_enqueue)",
         task.name,
         resolved.scope,
         key_digest,
+        record.status,
         record.task_id,
     )
     if signals.publish_skipped.receivers:
@@ -136,9 +235,50 @@ def consumed_original(
             scope=resolved.scope,
             key_digest=key_digest,
             record=record,
-            reason="consumed",
+            reason=record.status,
         )
-    return task.AsyncResult(record.task_id)
+    return _Answer(task.AsyncResult(record.task_id))
+
+
+def _lookup_failed(task: Any, exc: BaseException) -> None:
+    logger.warning(
+        "%s: the lookup before publishing failed (%s); the message is published as usual",
+        task.name,
+        exc,
+    )
+
+
+def _remove_marker(task: Any, marker: _Marker) -> None:
+    """Compare-and-delete the marker this send wrote, whose message could not be published."""
+    claim = marker.claim
+    try:
+        marker.backend.release(claim.scope, claim.key_digest, claim.owner, expired_only=False)
+    except StorageError as exc:
+        logger.error(
+            "%s[%s]: publishing failed, and the QUEUED marker (scope %s, key digest %s) could "
+            "not be removed (%s): the key is blocked until the queue TTL ends.",
+            task.name,
+            claim.task_id,
+            claim.scope,
+            claim.key_digest,
+            exc,
+        )
+
+
+def _delay(task: Any, options: dict[str, Any]) -> float:
+    """Seconds until a send with *options* may run: its countdown, or its ETA from now."""
+    countdown = options.get("countdown")
+    if isinstance(countdown, int | float) and countdown > 0:
+        return float(countdown)
+    eta = options.get("eta")
+    try:
+        when = maybe_iso8601(eta) if isinstance(eta, str) else eta
+    except (TypeError, ValueError):
+        return 0.0
+    if not isinstance(when, datetime.datetime):
+        return 0.0
+    when = maybe_make_aware(when, task.app.timezone)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
 
 
 def _producer_key(
@@ -168,28 +308,31 @@ class _SendRequest:
         self.id = task_id
 
 
-def _answers(
+# A send whose arguments cannot even be serialized: the publish itself will fail.
+_UNKNOWN = object()
+
+
+def _producer_fingerprint(
     task: Any,
     resolved: TaskOptions,
-    record: Record | None,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     options: dict[str, Any],
-) -> bool:
-    """Whether *record* is a CONSUMED record this send may be answered from."""
-    if record is None or record.status != Status.CONSUMED or record.lease_expired:
-        return False  # an expired CONSUMED record is claimed afresh by the next delivery
-    if resolved.payload_mismatch == "ignore" or record.payload_digest is None:
-        return True
-    # What the worker would fingerprint: the arguments as they come out of the message.
+) -> str | object | None:
+    """The fingerprint the worker will compute: of the arguments as the message decodes them.
+
+    None: no fingerprint (``"ignore"``, or none for this call); :data:`_UNKNOWN`:
+    the arguments do not serialize, or ``dedup_payload`` fails for them.
+    """
+    if resolved.payload_mismatch == "ignore":
+        return None
     serializer = options.get("serializer") or task.serializer or task.app.conf.task_serializer
     try:
         content_type, encoding, data = serialization.dumps((args, kwargs), serializer)
         decoded = serialization.loads(data, content_type, encoding, accept=[content_type])
     except Exception:
-        return False  # the send itself will say what is wrong with the arguments
+        return _UNKNOWN
     try:
-        mine = message_fingerprint(task, resolved.payload_function, tuple(decoded[0]), decoded[1])
+        return message_fingerprint(task, resolved.payload_function, tuple(decoded[0]), decoded[1])
     except DedupPayloadError:
-        return False  # published: the worker fails it with the same error, visibly
-    return mine is None or mine == record.payload_digest
+        return _UNKNOWN

@@ -71,9 +71,13 @@ class DedupRecordQuerySet(models.QuerySet["DedupRecord"]):
             )
         )
 
-    def claim_fields(self, claim: Claim, *, transactional: bool) -> dict[str, Any]:
-        """The fields a claim (or takeover) sets, as ORM values and expressions."""
-        fields = claimant_values(claim, Status.CONSUMED if transactional else Status.PROCESSING)
+    def claim_fields(
+        self, claim: Claim, *, transactional: bool, status: Status | None = None
+    ) -> dict[str, Any]:
+        """The fields a claim (or takeover, or a producer's QUEUED marker) sets, for the ORM."""
+        if status is None:
+            status = Status.CONSUMED if transactional else Status.PROCESSING
+        fields = claimant_values(claim, status)
         fields["owner"] = uuid.UUID(claim.owner)
         seconds = claim.record_ttl if transactional else claim.lease_seconds
         fields.update(
@@ -86,9 +90,14 @@ class DedupRecordQuerySet(models.QuerySet["DedupRecord"]):
         )
         return fields
 
-    def claim_portable(self, claim: Claim, *, transactional: bool) -> ClaimOutcome:
-        """Claim in statements that every database runs (see the module docstring)."""
-        fields = self.claim_fields(claim, transactional=transactional)
+    def claim_portable(
+        self, claim: Claim, *, transactional: bool, status: Status | None = None
+    ) -> ClaimOutcome:
+        """Claim in statements that every database runs (see the module docstring).
+
+        *status* QUEUED writes a producer's marker instead (``dedup_on_enqueue``).
+        """
+        fields = self.claim_fields(claim, transactional=transactional, status=status)
         key = {"scope": claim.scope, "key_digest": claim.key_digest}
         record = self.for_key(claim.scope, claim.key_digest)
         not_mine = ~Q(owner=uuid.UUID(claim.owner))
@@ -115,9 +124,12 @@ class DedupRecordQuerySet(models.QuerySet["DedupRecord"]):
             ).update(takeovers=F("takeovers") + 1, **fields)
             if not claimed:
                 fresh = (
-                    Q(status__in=[Status.CONSUMED, Status.POISONED]) & expired
+                    Q(status__in=[Status.CONSUMED, Status.POISONED, Status.QUEUED]) & expired
                     | Q(status=Status.FAILED) & ~stale
                 )
+                if fields["status"] != Status.QUEUED:
+                    # A delivery of the task id that queued the message (sql.claim_sql's adopt).
+                    fresh |= Q(status=Status.QUEUED, task_id=claim.task_id)
                 claimed = record.filter(not_mine & fresh).update(takeovers=0, **fields)
             poisoned_now = False
             if not claimed:
@@ -152,7 +164,7 @@ class DedupRecordQuerySet(models.QuerySet["DedupRecord"]):
         it is read back. None: no row of another owner was there to count on.
         """
         duplicate = {"last_duplicate_at": StoreNow(), "last_duplicate_task_id": task_id}
-        if rows.filter(status=Status.PROCESSING).update(
+        if rows.filter(status__in=[Status.PROCESSING, Status.QUEUED]).update(
             rescheduled=F("rescheduled") + 1, **duplicate
         ):
             return Verdict.IN_FLIGHT

@@ -26,7 +26,9 @@ from dedup_celery.exceptions import DedupConfigurationError
 from dedup_celery.keys import scope_for
 
 #: The values of the ``dedup_on_enqueue`` task option (:mod:`dedup_celery.enqueue`).
-ON_ENQUEUE_CHOICES: tuple[bool | str, ...] = (False, "consumed")
+ON_ENQUEUE_CHOICES: tuple[bool | str, ...] = (False, "consumed", "queued")
+#: How long a QUEUED marker (``dedup_on_enqueue = "queued"``) holds its key by default.
+DEFAULT_QUEUE_TTL = 3600.0
 
 
 class _UseSetting:
@@ -59,8 +61,10 @@ class TaskOptions(Limits):
     payload_function: Callable[..., Any] | None = None
     #: ``dedup_payload_mismatch``, else ``PAYLOAD_MISMATCH``: "warn", "raise" or "ignore".
     payload_mismatch: str = "warn"
-    #: ``dedup_on_enqueue``: False, or "consumed" (:mod:`dedup_celery.enqueue`).
+    #: ``dedup_on_enqueue``: False, "consumed" or "queued" (:mod:`dedup_celery.enqueue`).
     on_enqueue: bool | str = False
+    #: ``dedup_queue_ttl``: how long a QUEUED marker holds the key, in seconds.
+    queue_ttl: float = DEFAULT_QUEUE_TTL
 
 
 def key_function(task: Any, option: str = "dedup_key") -> Any:
@@ -87,7 +91,20 @@ def option_errors(task: Any) -> list[str]:
             problems.append(f"{option} is {func!r}; it must be None or a callable")
     on_enqueue = getattr(task, "dedup_on_enqueue", False)
     if on_enqueue not in ON_ENQUEUE_CHOICES or on_enqueue is True:
-        problems.append(f'dedup_on_enqueue is {on_enqueue!r}; it must be False or "consumed"')
+        problems.append(
+            f'dedup_on_enqueue is {on_enqueue!r}; it must be False, "consumed" or "queued"'
+        )
+    elif on_enqueue == "queued" and task.dedup_transactional is True:
+        problems.append(
+            'dedup_on_enqueue="queued" needs status mode: a transactional claim of the '
+            "queued record would hold its row until the body's commit, and every producer "
+            'that meets it would wait (use "consumed")'
+        )
+    queue_ttl = getattr(task, "dedup_queue_ttl", None)
+    if queue_ttl is not None and not is_seconds(queue_ttl):
+        problems.append(
+            f"dedup_queue_ttl is {queue_ttl!r}; it must be None or seconds {SECONDS_RANGE}"
+        )
     mismatch = getattr(task, "dedup_payload_mismatch", None)
     if mismatch is not None and mismatch not in PAYLOAD_MISMATCH_CHOICES:
         choices = ", ".join(map(repr, PAYLOAD_MISMATCH_CHOICES))
@@ -166,6 +183,7 @@ def _resolve(task: Any, conf: Any) -> TaskOptions:
         payload_function=key_function(task, "dedup_payload"),
         payload_mismatch=getattr(task, "dedup_payload_mismatch", None) or conf.payload_mismatch,
         on_enqueue=getattr(task, "dedup_on_enqueue", False),
+        queue_ttl=float(getattr(task, "dedup_queue_ttl", None) or DEFAULT_QUEUE_TTL),
         bypass=task.dedup_bypass is True
         or conf.bypass is True
         or (isinstance(conf.bypass, frozenset) and task.name in conf.bypass),

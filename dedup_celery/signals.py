@@ -45,7 +45,9 @@ message_poisoned = Signal()
 #: ``"poisoned"``). Never the arguments.
 payload_mismatch = Signal()
 #: A send was not published (``dedup_on_enqueue``): its message is already
-#: consumed, and the call returned an ``AsyncResult`` for the original. Sent in
-#: the producer; ``task_id`` is the id the caller passed, or None. Adds
-#: ``reason`` (``"consumed"``); ``record`` is the record that answered it.
+#: consumed (or, with ``"queued"``, queued or running), and the call returned an
+#: ``AsyncResult`` for that message. Sent in the producer; ``task_id`` is the id
+#: the caller passed, or None. Adds ``reason``, the status of the record that
+#: answered it (``"consumed"``, ``"queued"``, ``"processing"``, ``"failed"`` or
+#: ``"poisoned"``); ``record`` is that record.
 publish_skipped = Signal()

@@ -16,11 +16,15 @@ class Status(models.TextChoices):
     FAILED = "failed", _("failed")
     #: Deliveries kept dying while they held the record (MAX_TAKEOVERS reached).
     POISONED = "poisoned", _("poisoned")
+    #: A producer published the message (``dedup_on_enqueue = "queued"``) and no
+    #: delivery has claimed it yet: only a delivery of that task id claims it
+    #: before ``expires_at`` (the queue TTL); other copies are rescheduled.
+    QUEUED = "queued", _("queued")
 
 
 #: The states an operator may release (delete so the message can run again).
 #: A PROCESSING record goes only with an expired lease, unless the release is forced.
-RELEASABLE: tuple[Status, ...] = (Status.PROCESSING, Status.POISONED)
+RELEASABLE: tuple[Status, ...] = (Status.PROCESSING, Status.POISONED, Status.QUEUED)
 
 
 #: The states an operator may forget (delete so a finished message can run again).
@@ -35,7 +39,7 @@ def may_release(status: str, *, lease_expired: bool | None, force: bool) -> bool
     contract tests hold both to it; ``dedup_release`` uses this to explain a
     refusal.
     """
-    if status == Status.POISONED:
+    if status in (Status.POISONED, Status.QUEUED):
         return True
     return status == Status.PROCESSING and (force or bool(lease_expired))
 

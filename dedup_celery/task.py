@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from celery.contrib.django.task import DjangoTask
 
+from dedup_celery import enqueue
 from dedup_celery.delivery import deliver
-from dedup_celery.enqueue import consumed_original
 from dedup_celery.options import USE_SETTING
 
 if TYPE_CHECKING:
@@ -41,9 +41,12 @@ class DedupTask(_Base):
       part that counts (None: no fingerprint for that call).
     * ``dedup_payload_mismatch``: ``"warn"``, ``"raise"`` or ``"ignore"``, what
       a duplicate whose payload differs does; None follows ``PAYLOAD_MISMATCH``.
-    * ``dedup_on_enqueue``: False, or ``"consumed"``: a plain send whose
-      message is already consumed is not published, and returns an
-      ``AsyncResult`` for the original (:mod:`dedup_celery.enqueue`).
+    * ``dedup_on_enqueue``: False, ``"consumed"`` (a plain send whose message
+      is already consumed is not published, and returns an ``AsyncResult`` for
+      the original), or ``"queued"`` (also at most one queued or running copy
+      per key); see :mod:`dedup_celery.enqueue`.
+    * ``dedup_queue_ttl``: how long a ``"queued"`` marker holds its key
+      (seconds, default an hour), plus the send's countdown or ETA.
 
     While the body runs, ``self.request.dedup_owner`` holds this delivery's
     owner token (None when the call runs without dedup), so the body can make its
@@ -67,6 +70,7 @@ class DedupTask(_Base):
     dedup_payload: ClassVar[Callable[..., Any] | None] = None
     dedup_payload_mismatch: ClassVar[str | None] = None
     dedup_on_enqueue: ClassVar[bool | str] = False
+    dedup_queue_ttl: ClassVar[float | None] = None
 
     #: The worker-side request: when a child dies mid-task, the worker's main
     #: process ends that child's lease so the redelivery runs at once.
@@ -80,16 +84,14 @@ class DedupTask(_Base):
         *more: Any,
         **options: Any,
     ) -> Any:
-        """Publish the message, unless ``dedup_on_enqueue`` finds it already consumed.
+        """Publish the message, unless ``dedup_on_enqueue`` finds it consumed (or queued).
 
         Then nothing is published and the original's ``AsyncResult`` is
-        returned (:func:`dedup_celery.enqueue.consumed_original`); otherwise,
-        and with the option off, this is Celery's ``apply_async``.
+        returned (:func:`dedup_celery.enqueue.send`); otherwise, and with the
+        option off, this is Celery's ``apply_async``.
         """
         if self.dedup_on_enqueue and not more:
-            original = consumed_original(self, args, kwargs, task_id, options)
-            if original is not None:
-                return original
+            return enqueue.send(self, super().apply_async, args, kwargs, task_id, options)
         return super().apply_async(args, kwargs, task_id, *more, **options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

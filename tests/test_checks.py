@@ -130,6 +130,11 @@ def test_a_clean_dedup_task_has_no_messages(celery_app):
         ({"dedup_transactional": "yes"}, ["dedup_celery.E007"]),
         ({"dedup_scope": ""}, ["dedup_celery.E007"]),
         ({"dedup_scope": "s" * 256}, ["dedup_celery.E007"]),
+        ({"dedup_on_enqueue": "queued", "dedup_queue_ttl": 600}, ["dedup_celery.W012"]),
+        ({"dedup_on_enqueue": "queued"}, []),  # the default TTL, an hour, is not below it
+        ({"dedup_on_enqueue": "consumed", "dedup_queue_ttl": 600}, []),
+        ({"dedup_on_enqueue": True}, ["dedup_celery.E007"]),
+        ({"dedup_on_enqueue": "queued", "dedup_transactional": True}, ["dedup_celery.E007"]),
     ],
 )
 def test_task_checks(celery_app, options, expected):

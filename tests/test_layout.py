@@ -53,7 +53,9 @@ def test_every_lua_script_is_loaded_and_none_types_a_status_name():
             typed = re.search(rf"(['\"]){status.value}\1|\[\[{status.value}\]\]", code)
             assert typed is None, f"{path.name} types {status.value!r}"
     # The names reach Lua through the prelude, from states.py.
-    assert "local PROCESSING, CONSUMED, FAILED, POISONED = 'processing'" in script_source("claim")
+    assert "local PROCESSING, CONSUMED, FAILED, POISONED, QUEUED = 'processing'" in script_source(
+        "claim"
+    )
 
 
 @pytest.mark.parametrize(

@@ -85,3 +85,11 @@ def test_0007_adds_a_column_without_a_check_that_would_scan_or_copy_the_table(al
     assert "ADD COLUMN" in statements.upper()
     assert "CHECK" not in statements.upper()
 
+
+@pytest.mark.django_db(transaction=True, databases=["default", "mysql"])
+@pytest.mark.parametrize("alias", ["default", "mysql"])
+def test_0008_changes_python_choices_only_and_runs_no_sql(alias):
+    out = io.StringIO()
+    call_command("sqlmigrate", "dedup_celery", "0008", database=alias, stdout=out)
+    lines = [line for line in out.getvalue().splitlines() if line and not line.startswith("--")]
+    assert lines == [] or all(line.upper() in ("BEGIN;", "COMMIT;") for line in lines)

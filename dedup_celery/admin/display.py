@@ -31,6 +31,9 @@ STATUS_HINTS: dict[str, StrOrPromise] = {
     Status.CONSUMED: gettext_lazy("done; duplicates are skipped until the record expires"),
     Status.FAILED: gettext_lazy("the body raised; a retry or a new task id runs it again"),
     Status.POISONED: gettext_lazy("deliveries kept dying; releasable once the cause is fixed"),
+    Status.QUEUED: gettext_lazy(
+        "published, not yet claimed; other sends are answered until the queue TTL ends"
+    ),
 }
 
 

@@ -404,6 +404,21 @@ class BaseBackend:
         """
         raise self._missing("claim")
 
+    def queue(self, claim: Claim) -> ClaimOutcome | None:
+        """Write a producer's QUEUED marker for *claim*, decided as :meth:`claim` decides.
+
+        For ``dedup_on_enqueue = "queued"``: the same atomic step as a claim, with
+        status QUEUED and the claim's lease as the queue TTL, never inside the
+        caller's transaction. CLAIMED means the marker is now *claim*'s and the
+        producer publishes; any other verdict returns the record that holds the
+        key (counted as a duplicate), and nothing is published. A delivery of
+        the marker's task id claims it (:data:`~dedup_celery.states.Status.QUEUED`).
+        None: the marker cannot be written here (the producer then publishes as
+        ``"consumed"`` would). The default raises ``NotImplementedError``, which
+        the producer treats as a store failure: it publishes, with a WARNING.
+        """
+        raise self._missing("queue")
+
     def take_over(self, claim: Claim, gone_owner: str) -> ClaimOutcome:
         """Claim a record whose holder *gone_owner* is known to be gone (its process died).
 

@@ -21,6 +21,7 @@ from dedup_celery.delivery.results import storable_result
 from dedup_celery.exceptions import StorageError
 from dedup_celery.identity import earlier_attempt_is_over, owner_is_gone, running_body
 from dedup_celery.lease import Heartbeat, retry_in_background
+from dedup_celery.states import Status
 
 # Pauses between attempts to mark a record CONSUMED after the body succeeded.
 COMPLETE_RETRY_DELAYS = (0.1, 0.5, 1.0)
@@ -72,7 +73,8 @@ class StatusDelivery(Delivery):
         return retval
 
     def _owner_gone(self, record: Record | None) -> bool:
-        if record is None or record.owner is None:
+        # A QUEUED marker's owner is the producer, whose process may end at once.
+        if record is None or record.owner is None or record.status != Status.PROCESSING:
             return False
         if owner_is_gone(record):
             logger.warning(

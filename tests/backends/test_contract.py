@@ -672,3 +672,81 @@ def test_a_payload_mismatch_is_counted_on_the_record_and_never_creates_one(backe
     assert backend.count_payload_mismatch(SCOPE, missing.key_digest) is False
     assert get(backend, "k-never-claimed") is None
     assert backend.claim(missing).record.payload_mismatches == 0
+
+
+# -- QUEUED markers (dedup_on_enqueue = "queued") ------------------------------------
+
+
+def marker(key="k-q", **fields):
+    """A producer's claim: its lease is the queue TTL."""
+    return make_claim(key, **{"lease": 60, **fields})
+
+
+def test_a_marker_on_a_new_key_is_queued_and_a_second_producer_meets_it(backend):
+    first = marker()
+    outcome = backend.queue(first)
+    assert outcome.verdict is Verdict.CLAIMED
+    stored = get(backend, "k-q")
+    assert (stored.status, stored.owner, stored.task_id) == (
+        Status.QUEUED,
+        first.owner,
+        first.task_id,
+    )
+    assert stored.lease_expired is False
+    second = backend.queue(marker())
+    assert second.verdict is Verdict.IN_FLIGHT
+    assert (second.record.task_id, second.record.status) == (first.task_id, Status.QUEUED)
+    # A producer re-sending the marker's own task id does not take the marker either.
+    again = backend.queue(marker(task_id=first.task_id))
+    assert again.verdict is Verdict.IN_FLIGHT
+    assert get(backend, "k-q").owner == first.owner
+    assert get(backend, "k-q").rescheduled == 2  # each send that met it is counted
+
+
+def test_only_a_delivery_of_the_queued_task_id_claims_a_live_marker(backend):
+    queued = marker()
+    backend.queue(queued)
+    other = backend.claim(make_claim("k-q", task_id="another-id"))
+    assert other.verdict is Verdict.IN_FLIGHT
+    assert get(backend, "k-q").status == Status.QUEUED
+    delivery = make_claim("k-q", task_id=queued.task_id)
+    claimed = backend.claim(delivery)
+    assert claimed.verdict is Verdict.CLAIMED
+    stored = get(backend, "k-q")
+    assert (stored.status, stored.owner) == (Status.PROCESSING, delivery.owner)
+    assert (stored.rescheduled, stored.takeovers) == (1, 0)
+    assert backend.complete(delivery, {"n": 1}) is True
+    assert backend.queue(marker()).verdict is Verdict.CONSUMED
+
+
+def test_an_expired_marker_is_claimed_by_any_delivery(backend):
+    backend.queue(marker(lease=0.2))
+    time.sleep(0.5)
+    outcome = backend.claim(make_claim("k-q", task_id="a-later-send"))
+    assert outcome.verdict is Verdict.CLAIMED
+    assert get(backend, "k-q").task_id == "a-later-send"
+
+
+def test_a_marker_meets_what_holds_the_key_and_replaces_what_is_over(backend):
+    running = make_claim("k-q", lease=60)
+    backend.claim(running)
+    assert backend.queue(marker()).verdict is Verdict.IN_FLIGHT
+    assert get(backend, "k-q").owner == running.owner
+    backend.fail(running)
+    replaced = marker()
+    assert backend.queue(replaced).verdict is Verdict.CLAIMED  # a FAILED message runs again
+    assert get(backend, "k-q").status == Status.QUEUED
+
+
+def test_a_producer_removes_only_its_own_marker(backend):
+    queued = marker()
+    backend.queue(queued)
+    assert backend.release(SCOPE, queued.key_digest, uuid_hex(), expired_only=False) is False
+    assert backend.release(SCOPE, queued.key_digest, queued.owner, expired_only=False) is True
+    assert get(backend, "k-q") is None
+
+
+def uuid_hex():
+    import uuid
+
+    return uuid.uuid4().hex

@@ -55,24 +55,6 @@ def _id():
     return str(uuid.uuid4())
 
 
-@pytest.fixture
-def queue(celery_broker):
-    """A fresh queue name; ``queue.length()`` counts what was published to it."""
-    name = f"q-enqueue-{uuid.uuid4().hex[:8]}"
-
-    class Queue(str):
-        def length(self):
-            with app.connection_for_read() as conn:
-                try:
-                    return conn.default_channel.queue_declare(name, passive=True).message_count
-                except conn.channel_errors:
-                    return 0  # never declared: nothing was ever published to it
-
-    yield Queue(name)
-    with app.connection_for_write() as conn:
-        conn.default_channel.queue_delete(name)
-
-
 def _consume(task, order, qty=None):
     """Run the original through Celery's tracer as a worker would: its record is CONSUMED.
 
@@ -227,9 +209,20 @@ def test_a_wrong_value_of_the_option_is_named():
         name = "unit.enqueue.wrong"
         dedup_on_enqueue = "always"
 
-    assert "dedup_on_enqueue is 'always'; it must be False or \"consumed\"" in option_errors(
-        Wrong()
+    assert (
+        'dedup_on_enqueue is \'always\'; it must be False, "consumed" or "queued"'
+        in option_errors(Wrong())
     )
+
+    class Transactional(DedupTask):
+        name = "unit.enqueue.transactional"
+        dedup_on_enqueue = "queued"
+        dedup_transactional = True
+        dedup_queue_ttl = 0
+
+    (needs_status, ttl) = option_errors(Transactional())
+    assert needs_status.startswith('dedup_on_enqueue="queued" needs status mode')
+    assert ttl.startswith("dedup_queue_ttl is 0; it must be None or seconds")
 
 
 def test_on_commit_sends_return_none_as_celery_does_and_only_skip_the_publish(queue):

@@ -206,6 +206,22 @@ def enqueued_order(self, order_no, qty):
     return {"order_no": order_no, "qty": qty}
 
 
+@shared_task(bind=True, base=DedupTask, dedup_key=_priced_key, dedup_on_enqueue="queued")
+def queued_order(self, order_no, qty):
+    """At most one queued or running copy per order; the body takes a second."""
+    time.sleep(1)
+    _effect(self.request, f"queued:{order_no}", qty)
+    return {"order_no": order_no, "qty": qty}
+
+
+@shared_task(bind=True, base=DedupTask, dedup_key=_priced_key, dedup_on_enqueue="consumed")
+def slow_enqueued_order(self, order_no, qty):
+    """The control of queued_order: looked up, but only consumed messages are answered."""
+    time.sleep(1)
+    _effect(self.request, f"slow:{order_no}", qty)
+    return {"order_no": order_no, "qty": qty}
+
+
 @shared_task(bind=True, base=DedupTask)
 def id_result(self, value):
     """A task-id-keyed task for result-backend checks."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests.scenario import effect_ns, new_id, record, wait_until
-from tests.testapp.tasks import enqueued_order, priced_order
+from tests.testapp.tasks import enqueued_order, priced_order, queued_order, slow_enqueued_order
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
@@ -66,3 +66,31 @@ def test_copies_of_a_consumed_message_reach_the_queue_only_without_the_option(wo
     else:
         wait_until(lambda: _received_ids(worker, task) & sent_ids == sent_ids, what="every copy")
         assert stored.skipped == COPIES  # each copy took a worker slot to be skipped
+
+
+@pytest.mark.parametrize(
+    "task", [queued_order, slow_enqueued_order], ids=["queued", "control-consumed"]
+)
+def test_sends_at_once_reach_the_worker_once_only_with_queued(worker, task):
+    from tests.celery_app import app
+
+    order_no = new_id()
+    broker = f"{app.conf.broker_url.rsplit('/', 1)[0]}/{BROKER_DB}"
+    with app.connection_for_write(broker) as connection:
+        sends = [
+            task.apply_async((order_no, 1), queue="q-enqueue", connection=connection)
+            for _ in range(COPIES)
+        ]
+    answers = [send.get(timeout=60) for send in sends]
+    assert answers == [{"order_no": order_no, "qty": 1}] * COPIES
+    tag = "queued" if task is queued_order else "slow"
+    assert effect_ns(f"{tag}:{order_no}") == [1]
+    ids = {send.id for send in sends}
+    if task is queued_order:
+        assert len(ids) == 1
+        wait_until(lambda: ids <= _received_ids(worker, task), what="the one message")
+        assert _received_ids(worker, task) & ids == ids  # 1 message published, not 10
+    else:
+        # The first copy runs for a second: every send meanwhile is published.
+        assert len(ids) == COPIES
+        wait_until(lambda: ids <= _received_ids(worker, task), what="every copy")

@@ -155,13 +155,21 @@ class DatabaseBackend(TransactionalBackend):
     # -- claims -------------------------------------------------------------------
 
     def _claim(
-        self, claim: Claim, *, transactional: bool, gone_owner: str | None = None
+        self,
+        claim: Claim,
+        *,
+        transactional: bool,
+        gone_owner: str | None = None,
+        status: Status | None = None,
     ) -> ClaimOutcome:
         connection = connections[self.alias]
         if not self._upsert(connection):
-            return self._claim_portable(claim, connection, transactional=transactional)
+            return self._claim_portable(
+                claim, connection, transactional=transactional, status=status
+            )
         kept = not transactional and self._use_kept(connection)
-        status = Status.CONSUMED if transactional else Status.PROCESSING
+        if status is None:
+            status = Status.CONSUMED if transactional else Status.PROCESSING
         params = self._claim_params(claim, connection, status, transactional=transactional)
         if gone_owner is None:
             # A key's first delivery is the common case: insert, or do nothing.
@@ -191,7 +199,12 @@ class DatabaseBackend(TransactionalBackend):
         return outcome_for(claim, record_from_row(values), changed_now=changed_now)
 
     def _claim_portable(
-        self, claim: Claim, connection: Any, *, transactional: bool
+        self,
+        claim: Claim,
+        connection: Any,
+        *,
+        transactional: bool,
+        status: Status | None = None,
     ) -> ClaimOutcome:
         """The portable claim (:mod:`dedup_celery.managers`), run again after a deadlock.
 
@@ -206,7 +219,7 @@ class DatabaseBackend(TransactionalBackend):
         attempt = 0
         while True:
             try:
-                return records.claim_portable(claim, transactional=transactional)
+                return records.claim_portable(claim, transactional=transactional, status=status)
             except OperationalError as exc:
                 if (
                     transactional
@@ -273,6 +286,20 @@ class DatabaseBackend(TransactionalBackend):
     def claim(self, claim: Claim) -> ClaimOutcome:
         """Claim in status mode (see :meth:`BaseBackend.claim`)."""
         return self._claim(claim, transactional=False)
+
+    @storage_errors
+    def queue(self, claim: Claim) -> ClaimOutcome | None:
+        """Write a producer's QUEUED marker (see :meth:`BaseBackend.queue`) in autocommit.
+
+        None when it cannot be written outside the caller's transaction: the
+        caller is inside an atomic block on the message table's alias, where the
+        marker would commit with the caller, and a delivery's claim would wait
+        for that commit.
+        """
+        connection = connections[self.alias]
+        if connection.in_atomic_block and not self._use_kept(connection):
+            return None
+        return self._claim(claim, transactional=False, status=Status.QUEUED)
 
     @storage_errors
     def take_over(self, claim: Claim, gone_owner: str) -> ClaimOutcome:

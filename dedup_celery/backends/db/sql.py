@@ -85,10 +85,18 @@ def claim_sql(
     lapsed = f"NOT ({d['mine']}) AND {d['processing']} AND {lapsing} AND {old('takeovers')}"
     d["take"] = f"({lapsed} < {int(max_takeovers)})"
     d["poison"] = f"({lapsed} >= {int(max_takeovers)})"
-    d["fresh"] = (
-        f"(NOT ({d['mine']}) AND (({status} IN ({q(Status.CONSUMED)}, {q(Status.POISONED)}) "
-        f"AND {expired}) OR ({status} = {q(Status.FAILED)} AND NOT {stale})))"
+    # A delivery (not another producer's marker) of the task id that queued the message.
+    adopt = (
+        f"({status} = {q(Status.QUEUED)} AND {old('task_id')} = {new('task_id')} "
+        f"AND {new('status')} <> {q(Status.QUEUED)})"
     )
+    ended = ", ".join(q(s) for s in (Status.CONSUMED, Status.POISONED, Status.QUEUED))
+    d["fresh"] = (
+        f"(NOT ({d['mine']}) AND (({status} IN ({ended}) AND {expired}) OR "
+        f"({status} = {q(Status.FAILED)} AND NOT {stale}) OR {adopt}))"
+    )
+    # A copy that met the message held (running, or queued): rescheduled, not skipped.
+    d["held"] = f"{status} IN ({q(Status.PROCESSING)}, {q(Status.QUEUED)})"
     d["claimed"] = f"({d['take']} OR {d['fresh']})"
     d["dup"] = f"(NOT ({d['mine']}) AND NOT {d['claimed']} AND NOT {d['poison']})"
     values = _decided_values(old, new, now, d, now_plus_literal(vendor, record_ttl))
@@ -200,9 +208,8 @@ def _decided_values(
         updated_at=f"CASE WHEN {{claimed}} OR {{poison}} THEN {now} ELSE {old('updated_at')} END",
         takeovers=f"CASE WHEN {{take}} THEN {old('takeovers')} + 1 WHEN {{fresh}} THEN 0 "
         f"ELSE {old('takeovers')} END",
-        skipped=f"{old('skipped')} + CASE WHEN {{dup}} AND NOT {{processing}} THEN 1 ELSE 0 END",
-        rescheduled=f"{old('rescheduled')} + CASE WHEN {{dup}} AND {{processing}} THEN 1 "
-        "ELSE 0 END",
+        skipped=f"{old('skipped')} + CASE WHEN {{dup}} AND NOT {{held}} THEN 1 ELSE 0 END",
+        rescheduled=f"{old('rescheduled')} + CASE WHEN {{dup}} AND {{held}} THEN 1 ELSE 0 END",
         last_duplicate_at=f"CASE WHEN {{dup}} THEN {now} ELSE {old('last_duplicate_at')} END",
         last_duplicate_task_id=f"CASE WHEN {{dup}} THEN {new('task_id')} "
         f"ELSE {old('last_duplicate_task_id')} END",
@@ -216,12 +223,12 @@ def _pg_assignment(qn: Callable[[str], str], values: dict[str, str], d: dict[str
     PostgreSQL would otherwise parse and plan each decision again for every
     column it guards, which made the claim the slowest statement of a task.
     """
-    names = ("take", "fresh", "poison", "processing", "claimed", "dup")
+    names = ("take", "fresh", "poison", "held", "claimed", "dup")
     decision = (
-        f"SELECT s.take, s.fresh, s.poison, s.processing, s.take OR s.fresh AS claimed, "
+        f"SELECT s.take, s.fresh, s.poison, s.held, s.take OR s.fresh AS claimed, "
         f"NOT s.mine AND NOT (s.take OR s.fresh) AND NOT s.poison AS dup FROM (SELECT "
         f"{d['take']} AS take, {d['fresh']} AS fresh, {d['poison']} AS poison, "
-        f"{d['mine']} AS mine, {d['processing']} AS processing) AS s"
+        f"{d['mine']} AS mine, {d['held']} AS held) AS s"
     )
     row = ", ".join(v.format(**{n: f"d.{n}" for n in names}) for v in values.values())
     return f"({', '.join(qn(c) for c in values)}) = (SELECT {row} FROM ({decision}) AS d)"
@@ -252,8 +259,8 @@ def release_sql(vendor: str, qn: Callable[[str], str], table: str, *, expired_on
     live_ok = "" if not expired_only else f" AND {qn('expires_at')} < {now_sql(vendor)}"
     return (
         f"DELETE FROM {table} WHERE {qn('scope')} = %s AND {qn('key_digest')} = %s "
-        f"AND {qn('owner')} = %s AND ({qn('status')} = {q(Status.POISONED)} OR "
-        f"({qn('status')} = {q(Status.PROCESSING)}{live_ok}))"
+        f"AND {qn('owner')} = %s AND ({qn('status')} IN ({q(Status.POISONED)}, "
+        f"{q(Status.QUEUED)}) OR ({qn('status')} = {q(Status.PROCESSING)}{live_ok}))"
     )
 
 

@@ -257,6 +257,14 @@ class RedisBackend(BaseBackend):
     @_storage_errors
     def claim(self, claim: Claim) -> ClaimOutcome:
         """Claim, take over or count a duplicate in one script (see :meth:`BaseBackend.claim`)."""
+        return self._claim(claim, Status.PROCESSING)
+
+    @_storage_errors
+    def queue(self, claim: Claim) -> ClaimOutcome:
+        """Write a producer's QUEUED marker with the claim script (:meth:`BaseBackend.queue`)."""
+        return self._claim(claim, Status.QUEUED)
+
+    def _claim(self, claim: Claim, status: Status) -> ClaimOutcome:
         flat = self._run(
             "claim",
             claim.scope,
@@ -268,12 +276,12 @@ class RedisBackend(BaseBackend):
                 int(claim.max_takeovers),
                 claim.scope,
                 claim.key_digest,
-                _claimant(claim, Status.PROCESSING.value),
+                _claimant(claim, status.value),
             ],
         )
         if len(flat) == 2:  # {"first", now}: the record is what this claim wrote
             now = flat[1]
-            return first_claim_outcome(claim, Status.PROCESSING.value, lambda: _ms_to_datetime(now))
+            return first_claim_outcome(claim, status.value, lambda: _ms_to_datetime(now))
         changed_now = _text(flat[-1]) == "1"
         found = self._record(flat)
         assert found is not None

@@ -2,7 +2,8 @@
 -- KEYS[1]: the record.
 -- ARGV: owner, lease_ms, ttl_ms, max_takeovers, scope, key_digest, then the
 -- claimant's values as one JSON array of strings, in CLAIMANT_FIELDS order
--- (key, status PROCESSING, owner, task_id, ...; "" for none).
+-- (key, status PROCESSING, or QUEUED for a producer's marker, owner, task_id,
+-- ...; "" for none).
 -- Returns {"first", now} when there was no record (the common case: the caller
 -- knows every field it wrote); otherwise the record's fields, then "now" and
 -- "changed" ("1" if this claim poisoned it).
@@ -53,6 +54,9 @@ elseif current ~= owner then
   local takeovers = tonumber(fields[4])
   local stale = status == FAILED and not expired and fields[5] == claimant['task_id']
     and tonumber(fields[6]) >= tonumber(claimant['attempt'])
+  -- A delivery (not another producer's marker) of the task id that queued the message.
+  local adopt = status == QUEUED and fields[5] == claimant['task_id']
+    and claimant['status'] ~= QUEUED
   if status == PROCESSING and expired then
     if takeovers < cap then
       own(takeovers + 1)
@@ -61,11 +65,11 @@ elseif current ~= owner then
       redis.call('PEXPIRE', key, ttl)
       changed = '1'
     end
-  elseif ((status == CONSUMED or status == POISONED) and expired)
-      or (status == FAILED and not stale) then
+  elseif ((status == CONSUMED or status == POISONED or status == QUEUED) and expired)
+      or (status == FAILED and not stale) or adopt then
     own(0)
   else
-    if status == PROCESSING then
+    if status == PROCESSING or status == QUEUED then
       redis.call('HINCRBY', key, 'rescheduled', 1)
     else
       redis.call('HINCRBY', key, 'skipped', 1)
