@@ -66,8 +66,8 @@ class Delivered:
     ``outcome`` is ``"ran"`` (it claimed the message and ran the body),
     ``"skipped"`` (a duplicate: the body did not run), ``"rescheduled"`` (it met a
     copy still running and would come back later), or Celery's final state in
-    lower case for anything else (``"failure"`` for a poisoned message or a
-    store that refused it). ``state`` and ``result`` are what Celery's tracer
+    lower case for anything else (``"failure"`` for a poisoned message, a
+    store that refused it, or a copy refused for a payload mismatch). ``state`` and ``result`` are what Celery's tracer
     returned; ``redelivery`` is True for a rescheduled copy delivered again.
     """
 
@@ -113,6 +113,8 @@ class _Watch:
             self.hold.wait(self.timeout)
 
     def skipped(self, sender: Any = None, **kwargs: Any) -> None:
+        if kwargs.get("reason") == "payload_mismatch":
+            return  # refused under PAYLOAD_MISMATCH = "raise": it fails, its state says so
         with self.lock:
             self.seen[threading.get_ident()] = "skipped"
 

@@ -362,3 +362,26 @@ def test_a_wrong_option_or_setting_is_named_with_what_it_must_be():
     assert "PAYLOAD_MISMATCH" in error.msg
     assert "'warn', 'raise', 'ignore'" in error.msg
     assert validate({"PAYLOAD_MISMATCH": "raise"}) == []
+
+
+_calls = iter(range(10**9))
+
+
+def _next_call(order, **kwargs):
+    return next(_calls)
+
+
+@app.task(base=DedupTask, name="unit.mismatch.ever_changing", dedup_key=_order_key,
+          dedup_payload_mismatch="raise", dedup_payload=_next_call)  # fmt: skip
+def ever_changing(order, qty=None, at=None):
+    return order
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_testing_helper_reports_a_refused_copy_as_a_failure_not_a_skip():
+    from dedup_celery.testing import deliver
+
+    done = deliver(ever_changing, [_id()], same_id=False)  # each copy fingerprints anew
+    assert done.outcomes == ["ran", "failure"]
+    assert done[1].state == "FAILURE"
+    assert isinstance(done[1].result.exception, PayloadMismatchError)
