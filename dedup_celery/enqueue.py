@@ -69,7 +69,8 @@ from dedup_celery.states import Status
 
 logger = logging.getLogger("dedup_celery.enqueue")
 
-#: Options that make a send part of a canvas (a chain, group or chord), or give it callbacks.
+#: Options that make a send part of a canvas (a chain, group or chord), or give it
+#: callbacks: a send that carries any of them, even empty, is never skipped.
 CANVAS_OPTIONS = ("chain", "chord", "group_id", "group_index", "link", "link_error")
 
 # Set while this package republishes a message it already received (a reschedule).
@@ -94,13 +95,18 @@ def plain_send(options: dict[str, Any]) -> bool:
     Celery sends copies of a task through ``apply_async`` itself, and a skipped
     copy is a lost message: ``self.retry()`` (``retries`` above 0), a
     replacement (``replaced_task_nesting``), a canvas member or callback owner
-    (:data:`CANVAS_OPTIONS`), and this package's reschedules.
+    (:data:`CANVAS_OPTIONS`; a chain's last task carries ``chain=[]``), a
+    chain's next task or a ``link`` callback, which the worker sends with the
+    ``parent_id`` and ``root_id`` of the task before it (only Celery passes
+    those), and this package's reschedules.
     """
     if _republishing.get():
         return False
     if options.get("retries") or options.get("replaced_task_nesting"):
         return False
-    return not any(options.get(name) for name in CANVAS_OPTIONS)
+    if any(name in options for name in CANVAS_OPTIONS):
+        return False
+    return options.get("parent_id") is None and options.get("root_id") is None
 
 
 def send(
@@ -124,7 +130,7 @@ def send(
     if isinstance(decided, _Answer):
         return decided.result
     try:
-        return publish(args, kwargs, decided.claim.task_id, **options)
+        return publish(args, kwargs, decided.task_id, **options)
     except BaseException:
         _remove_marker(task, decided)
         raise
@@ -139,10 +145,16 @@ class _Answer:
 
 @dataclass(frozen=True)
 class _Marker:
-    """A send that wrote the key's QUEUED marker: it publishes under the marker's task id."""
+    """A send that wrote (or may have written) the key's QUEUED marker.
+
+    It publishes under the marker's task id, so that a marker whose write
+    raised after it landed is still claimed by this very message.
+    """
 
     claim: Claim
     backend: BaseBackend
+    #: The id the message is published under (the caller's, or one made for the marker).
+    task_id: str
 
 
 def _decide(
@@ -161,25 +173,35 @@ def _decide(
         return None  # the worker reschedules it loudly (outcomes.misconfigured)
     if resolved.bypass or not resolved.on_enqueue:
         return None
-    args, kwargs = tuple(args or ()), dict(kwargs or {})
     if resolved.key_function is None and task_id is None:
         return None  # a task-id key of a new id: nothing can be there yet
-    key = _producer_key(task, resolved, args, kwargs, task_id)
+    decoded = _decoded(task, args, kwargs, options)
+    if decoded is None:
+        return None  # the publish itself will say what is wrong with the arguments
+    # The key and the fingerprint from the arguments as the worker will see them.
+    key = _producer_key(task, resolved, *decoded, task_id)
     if key is None:
         return None
-    backend = get_backend()
-    mine = _producer_fingerprint(task, resolved, args, kwargs, options)
+    try:
+        backend = get_backend()
+    except DedupConfigurationError:
+        return None  # the worker reschedules it loudly (outcomes.misconfigured)
+    mine = _producer_fingerprint(task, resolved, *decoded)
     if resolved.on_enqueue == "queued":
+        lease = _marker_lease(task, resolved, options)
+        if lease is None:
+            return None  # the message expires before a marker could be of use
+        publish_id = task_id or str(uuid.uuid4())
         claim = Claim(
             scope=resolved.scope,
             key=key,
             key_digest=digest(key),
             owner=uuid.uuid4().hex,
-            task_id=storable(task_id or str(uuid.uuid4())),
+            task_id=storable(publish_id),
             task_name=storable(task.name),
             attempt=0,
             identity=current_identity(),
-            lease_seconds=resolved.queue_ttl + _delay(task, options),
+            lease_seconds=lease,
             record_ttl=resolved.record_ttl,
             max_takeovers=resolved.max_takeovers,
             payload_digest=None if mine is _UNKNOWN else mine,  # type: ignore[arg-type]
@@ -187,11 +209,13 @@ def _decide(
         try:
             outcome = backend.queue(claim)
         except (StorageError, NotImplementedError) as exc:
+            # The marker may have landed before the error: publish under its task id, so
+            # that this message claims it (or remove it, if the publish fails too).
             _lookup_failed(task, exc)
-            return None
+            return _Marker(claim, backend, publish_id)
         if outcome is not None:
             if outcome.verdict.claimed:
-                return _Marker(claim, backend)
+                return _Marker(claim, backend, publish_id)
             return _answer(task, resolved, claim.key_digest, outcome.record, mine, task_id)
         # The marker cannot be written here: look up as "consumed" does.
     try:
@@ -265,20 +289,47 @@ def _remove_marker(task: Any, marker: _Marker) -> None:
         )
 
 
+def _marker_lease(task: Any, resolved: TaskOptions, options: dict[str, Any]) -> float | None:
+    """The marker's lease: ``dedup_queue_ttl`` plus the send's delay, capped at its ``expires``.
+
+    A message that expires in the queue (or is revoked) is never delivered, so
+    its marker must not outlive it. None: it expires before it may run.
+    """
+    delay = _delay(task, options)
+    lease = resolved.queue_ttl + delay
+    expires = _seconds_until(task, options.get("expires", task.expires))
+    if expires is None:
+        return lease
+    if expires <= delay:
+        return None
+    return min(lease, expires)
+
+
+def _seconds_until(task: Any, when: Any) -> float | None:
+    """Seconds from now until *when* (seconds, a datetime or an ISO 8601 text), or None."""
+    if when is None or isinstance(when, bool):
+        return None
+    if isinstance(when, int | float):
+        return float(when)
+    try:
+        moment = maybe_iso8601(when) if isinstance(when, str) else when
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(moment, datetime.datetime):
+        return None
+    moment = maybe_make_aware(moment, task.app.timezone)
+    return (moment - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+
+
 def _delay(task: Any, options: dict[str, Any]) -> float:
     """Seconds until a send with *options* may run: its countdown, or its ETA from now."""
     countdown = options.get("countdown")
-    if isinstance(countdown, int | float) and countdown > 0:
+    if isinstance(countdown, int | float) and not isinstance(countdown, bool) and countdown > 0:
         return float(countdown)
     eta = options.get("eta")
-    try:
-        when = maybe_iso8601(eta) if isinstance(eta, str) else eta
-    except (TypeError, ValueError):
-        return 0.0
-    if not isinstance(when, datetime.datetime):
-        return 0.0
-    when = maybe_make_aware(when, task.app.timezone)
-    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+    if isinstance(eta, int | float):
+        return 0.0  # not an ETA Celery takes
+    return max(0.0, _seconds_until(task, eta) or 0.0)
 
 
 def _producer_key(
@@ -308,31 +359,40 @@ class _SendRequest:
         self.id = task_id
 
 
-# A send whose arguments cannot even be serialized: the publish itself will fail.
+# dedup_payload fails for a send's arguments: the worker logs it, and compares nothing.
 _UNKNOWN = object()
 
 
+def _decoded(
+    task: Any, args: Any, kwargs: Any, options: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The arguments as the worker will decode them from the message, or None.
+
+    Tuples become lists, a dict's integer keys become strings, and so on. None:
+    they do not serialize, and the publish itself will say so.
+    """
+    serializer = options.get("serializer") or task.serializer or task.app.conf.task_serializer
+    try:
+        content_type, encoding, data = serialization.dumps(
+            (tuple(args or ()), dict(kwargs or {})), serializer
+        )
+        decoded = serialization.loads(data, content_type, encoding, accept=[content_type])
+    except Exception:
+        return None
+    return tuple(decoded[0]), dict(decoded[1])
+
+
 def _producer_fingerprint(
-    task: Any,
-    resolved: TaskOptions,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    options: dict[str, Any],
+    task: Any, resolved: TaskOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> str | object | None:
-    """The fingerprint the worker will compute: of the arguments as the message decodes them.
+    """The fingerprint the worker will compute of these (decoded) arguments.
 
     None: no fingerprint (``"ignore"``, or none for this call); :data:`_UNKNOWN`:
-    the arguments do not serialize, or ``dedup_payload`` fails for them.
+    ``dedup_payload`` fails for them.
     """
     if resolved.payload_mismatch == "ignore":
         return None
-    serializer = options.get("serializer") or task.serializer or task.app.conf.task_serializer
     try:
-        content_type, encoding, data = serialization.dumps((args, kwargs), serializer)
-        decoded = serialization.loads(data, content_type, encoding, accept=[content_type])
-    except Exception:
-        return _UNKNOWN
-    try:
-        return message_fingerprint(task, resolved.payload_function, tuple(decoded[0]), decoded[1])
+        return message_fingerprint(task, resolved.payload_function, args, kwargs)
     except DedupPayloadError:
         return _UNKNOWN

@@ -119,7 +119,9 @@ class DedupRecordQuerySet(models.QuerySet["DedupRecord"]):
                 if created is None:
                     raise StorageError("the record this claim created was deleted at once")
                 return outcome_for(claim, created)
-            claimed = record.filter(
+            # Only a delivery takes over (or poisons) a lapsed lease, never a producer's marker.
+            delivery = fields["status"] != Status.QUEUED
+            claimed = delivery and record.filter(
                 not_mine & processing & expired & Q(takeovers__lt=claim.max_takeovers)
             ).update(takeovers=F("takeovers") + 1, **fields)
             if not claimed:
@@ -132,7 +134,7 @@ class DedupRecordQuerySet(models.QuerySet["DedupRecord"]):
                     fresh |= Q(status=Status.QUEUED, task_id=claim.task_id)
                 claimed = record.filter(not_mine & fresh).update(takeovers=0, **fields)
             poisoned_now = False
-            if not claimed:
+            if not claimed and delivery:
                 poisoned_now = bool(
                     record.filter(
                         not_mine & processing & expired & Q(takeovers__gte=claim.max_takeovers)

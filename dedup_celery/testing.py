@@ -67,8 +67,9 @@ class Delivered:
     ``"skipped"`` (a duplicate: the body did not run), ``"rescheduled"`` (it met a
     copy still running and would come back later), or Celery's final state in
     lower case for anything else (``"failure"`` for a poisoned message, a
-    store that refused it, or a copy refused for a payload mismatch). ``state`` and ``result`` are what Celery's tracer
-    returned; ``redelivery`` is True for a rescheduled copy delivered again.
+    store that refused it, or a copy refused for a payload mismatch).
+    ``state`` and ``result`` are what Celery's tracer returned; ``redelivery``
+    is True for a rescheduled copy delivered again.
     """
 
     task_id: str

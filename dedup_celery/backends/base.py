@@ -409,9 +409,11 @@ class BaseBackend:
 
         For ``dedup_on_enqueue = "queued"``: the same atomic step as a claim, with
         status QUEUED and the claim's lease as the queue TTL, never inside the
-        caller's transaction. CLAIMED means the marker is now *claim*'s and the
-        producer publishes; any other verdict returns the record that holds the
-        key (counted as a duplicate), and nothing is published. A delivery of
+        caller's transaction, except that a marker never takes over (nor
+        poisons) a lapsed lease: the lapsed message comes back by itself.
+        CLAIMED means the marker is now *claim*'s and the producer publishes;
+        any other verdict returns the record that holds the key (counted as a
+        duplicate), and nothing is published. A delivery of
         the marker's task id claims it (:data:`~dedup_celery.states.Status.QUEUED`).
         None: the marker cannot be written here (the producer then publishes as
         ``"consumed"`` would). The default raises ``NotImplementedError``, which

@@ -750,3 +750,21 @@ def uuid_hex():
     import uuid
 
     return uuid.uuid4().hex
+
+
+def test_a_marker_never_takes_over_or_poisons_a_lapsed_lease(backend):
+    lapsed = make_claim("k-q", lease=0.2, cap=1)
+    backend.claim(lapsed)
+    time.sleep(0.5)
+    for _ in range(2):
+        outcome = backend.queue(marker(cap=1))
+        assert outcome.verdict is Verdict.IN_FLIGHT
+    stored = get(backend, "k-q")
+    assert (stored.status, stored.owner, stored.takeovers) == (
+        Status.PROCESSING,
+        lapsed.owner,
+        0,
+    )
+    # The lapsed message's own redelivery takes it over, as always.
+    redelivery = backend.claim(make_claim("k-q", task_id=lapsed.task_id, cap=1))
+    assert redelivery.verdict is Verdict.TAKEN_OVER

@@ -144,9 +144,24 @@ SENDS = {
     "group": lambda o, q: group(
         skipping.s(o).set(queue=q), skipping.s(o).set(queue=q)
     ).apply_async(),
+    # What the worker sends after a task: a chain's last task carries chain=[], and a
+    # link callback only the parent_id and root_id of the task before it.
+    "chain_last": lambda o, q: skipping.apply_async((o,), queue=q, chain=[]),
+    "link_callback": lambda o, q: skipping.apply_async(
+        (o,), queue=q, parent_id=_id(), root_id=_id(), priority=0
+    ),
 }
 #: Messages each send publishes to the queue (a chain publishes its first task only).
-PUBLISHED = {"retry": 1, "replacement": 1, "link": 1, "link_error": 1, "chain": 1, "group": 2}
+PUBLISHED = {
+    "retry": 1,
+    "replacement": 1,
+    "link": 1,
+    "link_error": 1,
+    "chain": 1,
+    "group": 2,
+    "chain_last": 1,
+    "link_callback": 1,
+}
 
 
 @pytest.mark.parametrize("kind", list(SENDS))
@@ -235,3 +250,27 @@ def test_on_commit_sends_return_none_as_celery_does_and_only_skip_the_publish(qu
         assert seen == []  # nothing happens before the commit
     assert len(seen) == 1
     assert queue.length() == 1  # the control's message only
+
+
+def _key_of_config(config):
+    return f"config:{config}"
+
+
+@app.task(base=DedupTask, name="unit.enqueue.configured", dedup_key=_key_of_config,
+          dedup_on_enqueue="consumed")  # fmt: skip
+def configured(config):
+    return config
+
+
+def test_the_producer_keys_the_arguments_as_the_worker_will_see_them(queue):
+    # A key built from str() of a tuple: the worker sees a list, so must the producer.
+    marker = _id()
+    run_as_worker(configured, _id(), [[marker, 1]], {})
+    configured.apply_async(((marker, 1),), queue=queue)
+    assert queue.length() == 0
+
+
+def test_a_backend_that_cannot_be_built_publishes_as_usual(queue):
+    with override_settings(DEDUP_CELERY={"BACKEND": "no.such.Backend"}):
+        skipping.apply_async((_id(),), queue=queue)
+    assert queue.length() == 1

@@ -169,3 +169,48 @@ def test_a_store_that_fails_publishes_as_usual(queue, caplog, settings):
         once.apply_async((_id(),), queue=queue)
     assert queue.length() == 1
     assert "the lookup before publishing failed" in caplog.text
+
+
+def test_a_marker_that_raised_after_it_landed_is_published_under_its_own_task_id(
+    queue, monkeypatch
+):
+    from dedup_celery.backends import get_backend
+    from dedup_celery.exceptions import StorageError
+
+    backend = get_backend()
+    written = backend.queue
+
+    def lost_reply(claim):
+        written(claim)
+        raise StorageError("the connection dropped after the write")
+
+    monkeypatch.setattr(backend, "queue", lost_reply)
+    order = _id()
+    sent = once.apply_async((order,), queue=queue)
+    assert queue.length() == 1
+    marker = _record(once, order)
+    assert marker.task_id == sent.id  # so the published message claims its own marker
+    assert run_as_worker(once, sent.id, [order], {}).retval == {"order": order, "qty": 1}
+
+
+def test_the_marker_never_outlives_the_sends_expires(queue):
+    order = _id()
+    once.apply_async((order,), queue=queue, expires=20)
+    marker = _record(once, order)
+    assert 19 <= (marker.expires_at - marker.updated_at).total_seconds() <= 20.5
+    gone = _id()
+    once.apply_async((gone,), queue=queue, countdown=30, expires=10)  # expires before it runs
+    assert not DedupRecord.objects.filter(key_digest=digest(f"order:{gone}")).exists()
+    assert queue.length() == 2
+
+
+def test_with_autocommit_off_the_marker_is_not_written_in_the_callers_transaction(queue):
+    order = _id()
+    transaction.set_autocommit(False)
+    try:
+        once.apply_async((order,), queue=queue)
+        assert not DedupRecord.objects.filter(key_digest=digest(f"order:{order}")).exists()
+    finally:
+        transaction.rollback()
+        transaction.set_autocommit(True)
+    assert queue.length() == 1

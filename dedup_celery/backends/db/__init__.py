@@ -292,12 +292,13 @@ class DatabaseBackend(TransactionalBackend):
         """Write a producer's QUEUED marker (see :meth:`BaseBackend.queue`) in autocommit.
 
         None when it cannot be written outside the caller's transaction: the
-        caller is inside an atomic block on the message table's alias, where the
-        marker would commit with the caller, and a delivery's claim would wait
-        for that commit.
+        caller is inside an atomic block on the message table's alias (or turned
+        autocommit off), where the marker would commit with the caller, and a
+        delivery's claim would wait for that commit.
         """
         connection = connections[self.alias]
-        if connection.in_atomic_block and not self._use_kept(connection):
+        in_transaction = connection.in_atomic_block or not connection.get_autocommit()
+        if in_transaction and not self._use_kept(connection):
             return None
         return self._claim(claim, transactional=False, status=Status.QUEUED)
 

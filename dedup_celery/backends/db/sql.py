@@ -82,7 +82,13 @@ def claim_sql(
         lapsing = f"({expired} OR COALESCE({old('owner')} = %s::uuid, FALSE))"
     else:
         lapsing = expired
-    lapsed = f"NOT ({d['mine']}) AND {d['processing']} AND {lapsing} AND {old('takeovers')}"
+    # Only a delivery takes over (or poisons) a lapsed lease, never a producer's marker:
+    # the lapsed message comes back by itself, and its takeovers count must stay.
+    delivery = f"{new('status')} <> {q(Status.QUEUED)}"
+    lapsed = (
+        f"NOT ({d['mine']}) AND {delivery} AND {d['processing']} AND {lapsing} "
+        f"AND {old('takeovers')}"
+    )
     d["take"] = f"({lapsed} < {int(max_takeovers)})"
     d["poison"] = f"({lapsed} >= {int(max_takeovers)})"
     # A delivery (not another producer's marker) of the task id that queued the message.

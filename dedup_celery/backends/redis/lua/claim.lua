@@ -57,7 +57,8 @@ elseif current ~= owner then
   -- A delivery (not another producer's marker) of the task id that queued the message.
   local adopt = status == QUEUED and fields[5] == claimant['task_id']
     and claimant['status'] ~= QUEUED
-  if status == PROCESSING and expired then
+  -- Only a delivery takes over (or poisons) a lapsed lease, never a producer's marker.
+  if status == PROCESSING and expired and claimant['status'] ~= QUEUED then
     if takeovers < cap then
       own(takeovers + 1)
     else
