@@ -28,3 +28,10 @@ class DedupCeleryConfig(AppConfig):
         worker_ready.connect(
             checks.log_check_messages, weak=False, dispatch_uid="dedup_celery.checks"
         )
+        from dedup_celery.conf import raw_settings
+
+        raw = raw_settings()
+        if isinstance(raw, dict) and raw.get("PROMETHEUS"):
+            from dedup_celery import prometheus
+
+            prometheus.install()

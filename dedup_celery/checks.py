@@ -27,6 +27,8 @@ id                        problem
 ``dedup_celery.W010``     Celery's Django fixup closes connections per task (worker start)
 ``dedup_celery.W011``     dedup is bypassed for a task (``BYPASS``, ``dedup_bypass``)
 ``dedup_celery.W012``     a ``"queued"`` marker's TTL is below the visibility timeout
+``dedup_celery.W013``     ``PROMETHEUS`` is on without ``PROMETHEUS_MULTIPROC_DIR``
+``dedup_celery.E011``     ``PROMETHEUS`` is on but prometheus-client is not installed
 ========================  ==========================================================
 
 The checks of Celery configuration never raise, and apart from tasks that can never
@@ -40,6 +42,7 @@ logs the warnings once it is ready.
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -86,7 +89,35 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
         build_backend()
     except DedupConfigurationError as exc:
         return [checks.Error(str(exc), hint=_backend_hint(exc), id="dedup_celery.E004")]
-    return []
+    return _prometheus_messages()
+
+
+def _prometheus_messages() -> list[checks.CheckMessage]:
+    """E011 and W013: metrics turned on without the library, or without multiprocess mode."""
+    if not raw_settings().get("PROMETHEUS"):
+        return []
+    if not find_spec("prometheus_client"):
+        return [
+            checks.Error(
+                "DEDUP_CELERY['PROMETHEUS'] is on, but prometheus-client is not installed.",
+                hint='Install it with: pip install "dedup-celery[prometheus]"',
+                id="dedup_celery.E011",
+            )
+        ]
+    from dedup_celery.prometheus import MULTIPROC_ENV
+
+    if os.environ.get(MULTIPROC_ENV):
+        return []
+    return [
+        checks.Warning(
+            f"DEDUP_CELERY['PROMETHEUS'] is on, but {MULTIPROC_ENV} is not set: under Celery's "
+            "prefork pool each child counts on its own, and the worker's /metrics shows only "
+            "the main process, which counts nothing.",
+            hint=f"Set {MULTIPROC_ENV} to a directory of the worker's own in its environment, "
+            "before it starts (the solo and threads pools need no directory).",
+            id="dedup_celery.W013",
+        )
+    ]
 
 
 def _backend_hint(exc: DedupConfigurationError) -> str:

@@ -38,6 +38,8 @@ DEFAULTS: dict[str, Any] = {
     # What a duplicate whose arguments differ from the original's does: "warn",
     # "raise" or "ignore" (docs/settings.md, PAYLOAD_MISMATCH).
     "PAYLOAD_MISMATCH": "warn",
+    # Prometheus metrics (dedup_celery.prometheus): None, True, or {"port": ..., "addr": ...}.
+    "PROMETHEUS": None,
 }
 
 #: The values of ``PAYLOAD_MISMATCH`` and of the ``dedup_payload_mismatch`` task option.
@@ -161,6 +163,12 @@ def validate(raw: Any) -> list[checks.CheckMessage]:
         bad("BYPASS", "True, False, or a list of task names")
     if merged["PAYLOAD_MISMATCH"] not in PAYLOAD_MISMATCH_CHOICES:
         bad("PAYLOAD_MISMATCH", "one of " + ", ".join(map(repr, PAYLOAD_MISMATCH_CHOICES)))
+    if not _prometheus_valid(merged["PROMETHEUS"]):
+        bad(
+            "PROMETHEUS",
+            'None (off), True, or a dict with an optional "port" (1-65535) and "addr" (a '
+            "host to listen on) for the worker's /metrics",
+        )
     database = merged["DATABASE"]
     if database is not None:
         if not isinstance(database, str):
@@ -176,6 +184,20 @@ def validate(raw: Any) -> list[checks.CheckMessage]:
                 )
             )
     return errors
+
+
+def _prometheus_valid(value: Any) -> bool:
+    if value is None or isinstance(value, bool):
+        return True
+    if not isinstance(value, dict) or set(value) - {"port", "addr"}:
+        return False
+    port = value.get("port")
+    if port is not None and (
+        not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536
+    ):
+        return False
+    addr = value.get("addr")
+    return addr is None or (isinstance(addr, str) and bool(addr))
 
 
 def get_settings() -> DedupSettings:
