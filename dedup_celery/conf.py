@@ -191,13 +191,11 @@ def _prometheus_valid(value: Any) -> bool:
         return True
     if not isinstance(value, dict) or set(value) - {"port", "addr"}:
         return False
-    port = value.get("port")
-    if port is not None and (
-        not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536
-    ):
+    port = value.get("port", 1)
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
         return False
-    addr = value.get("addr")
-    return addr is None or (isinstance(addr, str) and bool(addr))
+    addr = value.get("addr", "127.0.0.1")
+    return isinstance(addr, str) and bool(addr)
 
 
 def get_settings() -> DedupSettings:

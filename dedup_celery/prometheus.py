@@ -25,10 +25,10 @@ Under Celery's prefork pool every child counts on its own, so the counters
 need prometheus-client's multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` must
 be set in the worker's environment before it starts (the library decides
 when it is first imported; check ``dedup_celery.W013`` warns without it). At
-``worker_init`` the main process empties that directory if no other live
-worker owns it, and, with a ``port``, serves ``/metrics`` from a thread of its
-own; each pool child closes its inherited copy of the listening socket, so an
-orphaned child never keeps the port. :func:`metrics_view` serves the same
+``worker_init`` the main process deletes the files of processes that are gone
+from that directory, and, with a ``port``, serves ``/metrics`` from a thread of its
+own; every process forked from it afterwards closes its inherited copy of the
+listening socket, so an orphaned child never keeps the port. :func:`metrics_view` serves the same
 from Django, for staff; it sees a worker's counters only when it runs on the
 same host with the same directory.
 """
@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import threading
 from pathlib import Path
 from typing import Any
 
 from celery import signals as celery_signals
-from django.contrib.admin.views.decorators import staff_member_required
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseForbidden
 
 from dedup_celery import signals
 from dedup_celery.conf import raw_settings
@@ -51,11 +52,14 @@ logger = logging.getLogger("dedup_celery.prometheus")
 
 #: The environment variable of prometheus-client's multiprocess mode.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-#: The file in that directory that names the worker process which owns it.
-OWNER_FILE = "dedup_celery.owner"
+# prometheus-client's files are <kind>_<pid>.db.
+_PID_OF_FILE = re.compile(r"_(\d+)\.db$")
 
 _metrics: dict[str, Any] = {}
+_metrics_lock = threading.Lock()
 _server: Any = None
+_server_pid: int | None = None
+_fork_hook_registered = False
 
 
 def _counter(name: str, documentation: str, labels: tuple[str, ...]) -> Any:
@@ -64,7 +68,10 @@ def _counter(name: str, documentation: str, labels: tuple[str, ...]) -> Any:
     if counter is None:
         from prometheus_client import Counter
 
-        counter = _metrics[name] = Counter(name, documentation, labels)
+        with _metrics_lock:  # the threads pool: one registration per name
+            counter = _metrics.get(name)
+            if counter is None:
+                counter = _metrics[name] = Counter(name, documentation, labels)
     return counter
 
 
@@ -178,42 +185,41 @@ def registry() -> Any:
     return collected
 
 
-def _owns(directory: Path) -> bool:
-    """Claim *directory* for this process unless a live process of another worker has it."""
-    owner_file = directory / OWNER_FILE
-    try:
-        pid = int(owner_file.read_text())
-    except (OSError, ValueError):
-        pid = 0
-    if pid and pid != os.getpid():
+def remove_dead_files(directory: Path) -> int:
+    """Delete the files of processes that are gone from *directory*; return how many.
+
+    Files of live processes stay, whoever they are (another worker, a web
+    process sharing the directory): deleting them would lose their counts. A
+    process is judged by its pid on this host, so the directory must not be
+    shared across pid namespaces (containers).
+    """
+    removed = 0
+    for path in directory.glob("*.db"):
+        found = _PID_OF_FILE.search(path.name)
+        if found is None:
+            continue
         try:
-            os.kill(pid, 0)
+            os.kill(int(found.group(1)), 0)
         except ProcessLookupError:
-            pass  # that worker is gone
+            path.unlink(missing_ok=True)
+            removed += 1
         except PermissionError:
-            return False
-        else:
-            return False
-    owner_file.write_text(str(os.getpid()))
-    return True
+            pass  # alive, another user's
+    return removed
 
 
 def _worker_init(**kwargs: Any) -> None:
     """In the worker's main process, before the pool forks: the directory, then the server."""
-    global _server
+    global _server, _server_pid, _fork_hook_registered
     directory = os.environ.get(MULTIPROC_ENV)
     if directory:
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        if _owns(path):
-            for stale in path.glob("*.db"):
-                stale.unlink(missing_ok=True)
-        else:
-            logger.warning(
-                "dedup_celery: %s (%s) belongs to another running worker; its counters are "
-                "kept, and this worker's are added to them. Give each worker a directory.",
-                MULTIPROC_ENV,
-                directory,
+        try:
+            path = Path(directory)
+            path.mkdir(parents=True, exist_ok=True)
+            remove_dead_files(path)
+        except OSError as exc:
+            logger.error(
+                "dedup_celery: could not prepare %s (%s): %s", MULTIPROC_ENV, directory, exc
             )
     port = options().get("port")
     if port is None:
@@ -222,33 +228,48 @@ def _worker_init(**kwargs: Any) -> None:
 
     try:
         _server, _thread = start_http_server(
-            int(port), addr=str(options().get("addr", "127.0.0.1")), registry=registry()
+            int(port), addr=str(options().get("addr") or "127.0.0.1"), registry=registry()
         )
     except OSError as exc:
         logger.error("dedup_celery: could not serve metrics on port %s: %s", port, exc)
+        return
+    _server_pid = os.getpid()
+    if not _fork_hook_registered:
+        # Every process forked from here on (pool children, an embedded beat) lets go
+        # of its copy of the listening socket, so none keeps the port after a crash.
+        os.register_at_fork(after_in_child=_child_init)
+        _fork_hook_registered = True
 
 
 def _child_init(**kwargs: Any) -> None:
-    """In each pool child: close the inherited listening socket (never shut it down)."""
-    if _server is not None:
+    """In a forked child: close the inherited listening socket (never shut it down).
+
+    The solo pool sends ``worker_process_init`` in the main process itself,
+    which serves the port: there it does nothing.
+    """
+    if _server is not None and os.getpid() != _server_pid:
         _server.socket.close()
 
 
 def _worker_shutdown(**kwargs: Any) -> None:
     global _server
-    if _server is not None:
+    if _server is not None and os.getpid() == _server_pid:
         _server.shutdown()
         _server.server_close()
         _server = None
 
 
-@staff_member_required
 def metrics_view(request: HttpRequest) -> HttpResponse:
     """The metrics in Prometheus's text format, for staff (mount it in your URLconf).
 
-    In multiprocess mode it reads ``PROMETHEUS_MULTIPROC_DIR`` of the web
-    process: a worker's counters only on the same host with the same directory.
+    Anyone else gets 403. In multiprocess mode it reads ``PROMETHEUS_MULTIPROC_DIR``
+    of the web process: a worker's counters only on the same host with the same
+    directory.
     """
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    user = getattr(request, "user", None)
+    if not (user is not None and user.is_active and user.is_staff):
+        return HttpResponseForbidden("dedup_celery metrics: staff only")
 
     return HttpResponse(generate_latest(registry()), content_type=CONTENT_TYPE_LATEST)

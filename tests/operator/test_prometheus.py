@@ -5,6 +5,7 @@ tests/worker/test_prometheus.py scrapes a real prefork worker in multiprocess mo
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
@@ -60,8 +61,10 @@ def test_without_install_nothing_is_counted():
 def test_the_view_serves_the_text_format_to_staff_only(client, installed):
     run_as_worker(counted, str(uuid.uuid4()), [uuid.uuid4().hex], {})
     with override_settings(ROOT_URLCONF="tests.urls_metrics"):
-        anonymous = client.get("/metrics")
-        assert anonymous.status_code == 302  # to the admin's login
+        assert client.get("/metrics").status_code == 403  # anonymous
+        User.objects.create_user("someone", password="pw")
+        client.login(username="someone", password="pw")
+        assert client.get("/metrics").status_code == 403  # not staff
         User.objects.create_user("staff", password="pw", is_staff=True)
         client.login(username="staff", password="pw")
         page = client.get("/metrics")
@@ -79,7 +82,17 @@ def test_the_setting_takes_none_true_or_a_port_and_address(value):
 
 
 @pytest.mark.parametrize(
-    "value", ["yes", {"port": 0}, {"port": "9808"}, {"port": 70000}, {"host": "x"}, {"addr": ""}]
+    "value",
+    [
+        "yes",
+        {"port": 0},
+        {"port": "9808"},
+        {"port": 70000},
+        {"port": None},
+        {"host": "x"},
+        {"addr": ""},
+        {"addr": None},
+    ],
 )
 def test_a_wrong_setting_is_named(value):
     (error,) = validate({"PROMETHEUS": value})
@@ -111,3 +124,38 @@ def test_metrics_without_the_library_are_an_error(monkeypatch):
         (error,) = check_settings()
     assert error.id == "dedup_celery.E011"
     assert "dedup-celery[prometheus]" in error.hint
+
+
+def test_the_worker_deletes_the_files_of_processes_that_are_gone_only(tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead_pid, live_pid = int(gone.stdout), os.getpid()
+    (tmp_path / f"counter_{dead_pid}.db").write_bytes(b"x")
+    (tmp_path / f"histogram_{dead_pid}.db").write_bytes(b"x")
+    (tmp_path / f"counter_{live_pid}.db").write_bytes(b"x")  # another live process's: kept
+    (tmp_path / "notes.txt").write_text("not ours")
+    assert prometheus.remove_dead_files(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"counter_{live_pid}.db", "notes.txt"]
+
+
+class _Socket:
+    closed = False
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_forked_child_closes_the_listening_socket_and_the_serving_process_does_not(
+    monkeypatch,
+):
+    server = type("Server", (), {"socket": _Socket()})()
+    monkeypatch.setattr(prometheus, "_server", server)
+    monkeypatch.setattr(prometheus, "_server_pid", os.getpid())
+    prometheus._child_init()  # the solo pool sends worker_process_init in the main process
+    assert server.socket.closed is False
+    monkeypatch.setattr(prometheus, "_server_pid", os.getpid() + 1)  # as in a forked child
+    prometheus._child_init()
+    assert server.socket.closed is True
